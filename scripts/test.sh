@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up the environment and run the test suite. Fast subset by default (what CI runs);
+# TOKENMORPH_FULL_TESTS=1 also runs the tests marked slow. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup-env.sh
+marker=(-m "not slow")
+if [ "${TOKENMORPH_FULL_TESTS:-0}" = "1" ]; then marker=(); fi
+exec .venv/bin/python -m pytest "${marker[@]}" "$@"

@@ -1,0 +1,72 @@
+"""The command line, end to end in a subprocess (as a user runs it)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "tokenmorph", *args], capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tokenmorph {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_help_lists_commands():
+    out = run_cli("--help").stdout
+    assert "bench" in out and "viz" in out
+    assert "--json" in run_cli("bench", "morph", "--help").stdout
+    assert "--out" in run_cli("viz", "morph", "--help").stdout
+
+
+def test_viz_morph_real_photos(tmp_path):
+    out = tmp_path / "groups.png"
+    proc = run_cli("viz", "morph", "skimage:astronaut", "skimage:coffee", "--groups", "196,49,8", "--out", str(out))
+    assert "2 images x 3 schedules" in proc.stdout
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+
+
+def test_viz_morph_image_file_and_explicit_schedule(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    img = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(0).random((100, 80, 3)) * 255).astype("uint8")).save(img)
+    out = tmp_path / "g.png"
+    run_cli("viz", "morph", str(img), "--schedule", "14x14", "--schedule", "0", "--mode", "paper", "--out", str(out))
+    assert out.stat().st_size > 1000
+
+
+def test_bench_morph_json_small():
+    proc = run_cli("bench", "morph", "--json", "--batch", "4", "--tokens", "49", "--dim", "16",
+                   "--schedule", "5x4", "--schedule", "0", "--repeats", "1")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "morph"
+    for key in ("tokenmorph_s", "dense_s", "speedup"):
+        assert result[key] > 0
+    assert result["loss_abs_diff"] < 1e-6 and result["grad_max_abs_diff"] < 1e-6
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["viz", "morph", "--out", "x.png", "--schedule", "fourteen"], "bad schedule"),
+        (["viz", "morph", "--out", "x.png", "--groups", "500"], "out of range"),
+        (["viz", "morph", "/nonexistent/photo.jpg", "--out", "x.png"], "image not found"),
+    ],
+)
+def test_bad_arguments_give_one_clear_line(args, message, tmp_path):
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_not_an_image_is_a_clear_error(tmp_path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    proc = run_cli("viz", "morph", str(bad), "--out", str(tmp_path / "o.png"), check=False)
+    assert proc.returncode == 2 and "cannot decode image" in proc.stderr and "Traceback" not in proc.stderr
