@@ -9,6 +9,16 @@ if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv with $("$PY" --version)"
     "$PY" -m venv .venv
 fi
+# Fashion-MNIST (the demo's data) ships as a Debian package; elsewhere tokenmorph can download it.
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        echo "[setup] installing the Fashion-MNIST data set (Debian package dataset-fashion-mnist)"
+        apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+            || echo "[setup] warning: could not install dataset-fashion-mnist; the demo needs Fashion-MNIST (see README)"
+    else
+        echo "[setup] note: Fashion-MNIST not found; install the Debian package dataset-fashion-mnist, or set TOKENMORPH_DATA"
+    fi
+fi
 stamp=.venv/.tokenmorph-install-stamp
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then

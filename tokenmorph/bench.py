@@ -10,14 +10,14 @@ import math
 import platform
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .losses import dtm_loss
 
-__all__ = ["release_dense_membership", "release_dense_dtm_loss", "bench_morph", "timeit"]
+__all__ = ["release_dense_membership", "release_dense_dtm_loss", "bench_morph", "bench_pretrain", "matmul_peak", "timeit"]
 
 
 def release_dense_membership(tokens: torch.Tensor, schedule: Sequence[int]) -> torch.Tensor:
@@ -135,3 +135,125 @@ def bench_morph(
         "loss_abs_diff": float((loss_ours - loss_dense).abs()),
         "grad_max_abs_diff": float((grad_ours - grad_dense).abs().max()),
     }
+
+
+def matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
+    """Best achieved FLOP/s of an (n x n) @ (n x n) product at ``dtype``: the same-run reference peak."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+
+    def mm():
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    t = timeit(mm, repeats, warmup=2)
+    return 2 * n**3 / t["min_s"]
+
+
+def _set_naive_attention(module: torch.nn.Module) -> None:
+    """Switch timm attention layers to the explicit softmax(QK^T)V path (what the release runs)."""
+    for m in module.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+
+
+def bench_pretrain(model: str = "small", teacher: str = "clip-vit-b16", random_init: bool = True, batch_size: int = 16,
+                   steps: int = 3, device: str = "cpu", precision: str = "bf16", img_size: int = 224,
+                   patch_size: int = 16, baseline: bool = True, seed: int = 0, teacher_weights=None) -> dict:
+    """Full DTM pre-training steps on synthetic images, timed per phase.
+
+    Phases: teacher forward, student forward, morph + loss (forward), backward, optimiser (clip + AdamW).
+    ``baseline=True`` also times the official release's step on the same models and batch: fp32, the
+    explicit attention path, the dense morphing formulation; the ratio of images/s is reported.
+    """
+    import random as _random
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .losses import DTMLoss
+    from .masking import block_mask
+    from .models import create_student
+    from .teachers import build_teacher
+
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    t_model = build_teacher(teacher, weights=teacher_weights, random_init=random_init, amp=amp_dtype is not None,
+                            amp_dtype=amp_dtype or torch.bfloat16, patch_size=patch_size, device=dev)
+    student = create_student(model, target_dim=t_model.dim, img_size=img_size, patch_size=patch_size).to(dev)
+    grid = student.grid
+    n = student.num_patches
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05)
+    images = torch.rand(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed)).to(dev)
+    mask = block_mask(batch_size, grid, num_masked=round(n * 75 / 196), min_num_patches=max(1, round(n * 16 / 196)),
+                      seed=seed).to(dev)
+    criterion = DTMLoss(num_levels=2)
+
+    def autocast():
+        if amp_dtype is None:
+            return torch.autocast(dev.type, enabled=False)
+        return torch.autocast(dev.type, dtype=amp_dtype)
+
+    def step(phases: Optional[dict], loss_fn, rng) -> None:
+        marks = [time.perf_counter()]
+
+        def mark():
+            sync()
+            marks.append(time.perf_counter())
+
+        target = t_model(images, grid)
+        mark()
+        with autocast():
+            pred = student(images, mask)
+        mark()
+        loss = loss_fn(pred, target, criterion.sample_schedules(n, rng))
+        mark()
+        loss.backward()
+        mark()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 3.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mark()
+        if phases is not None:
+            for name, a, b in zip(("teacher", "student_forward", "morph_loss", "backward", "optimizer"), marks, marks[1:]):
+                phases[name] = phases.get(name, 0.0) + (b - a)
+
+    def run(loss_fn, label: str) -> dict:
+        rng = _random.Random(seed)
+        step(None, loss_fn, rng)  # warm-up
+        phases: dict = {}
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(phases, loss_fn, rng)
+        total = time.perf_counter() - t0
+        return {"label": label, "step_s": total / steps, "images_per_second": batch_size * steps / total,
+                "phases_s": {k: v / steps for k, v in phases.items()}}
+
+    ours = run(lambda p, t, s: dtm_loss(p, t, s), "tokenmorph")
+    # FLOPs of one step's models (teacher forward, student forward + backward), counted by torch.
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(None, lambda p, t, s: dtm_loss(p, t, s), _random.Random(seed))
+    flops = counter.get_total_flops()
+    peak = matmul_peak(amp_dtype or torch.float32, device)
+    result = {
+        "benchmark": "pretrain",
+        "student": model, "teacher": teacher, "random_init": random_init, "batch_size": batch_size, "steps": steps,
+        "device": device, "precision": precision, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "images_per_second": ours["images_per_second"], "step_s": ours["step_s"], "phases_s": ours["phases_s"],
+        "model_flops_per_step": flops, "achieved_flops_per_s": flops / ours["step_s"],
+        "matmul_peak_flops_per_s": peak, "fraction_of_peak": flops / ours["step_s"] / peak,
+    }
+    if baseline:
+        t_model.amp = False
+        _set_naive_attention(t_model)
+        _set_naive_attention(student)
+        amp_dtype = None
+        base = run(lambda p, t, s: release_dense_dtm_loss(p.float(), t, s), "release")
+        result["baseline"] = {"what": "release step: fp32, explicit attention, dense morphing",
+                              "images_per_second": base["images_per_second"], "step_s": base["step_s"],
+                              "phases_s": base["phases_s"]}
+        result["speedup_vs_release"] = ours["images_per_second"] / base["images_per_second"]
+    return result

@@ -10,6 +10,8 @@ import json
 import sys
 from typing import Optional, Sequence
 
+from dataclasses import MISSING as _MISSING
+
 from . import __version__
 
 
@@ -99,6 +101,53 @@ def cmd_viz_morph(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- pretrain
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from .config import PretrainConfig, config_names, load_config, parse_overrides
+
+    if args.list_configs:
+        print("\n".join(config_names()))
+        return 0
+    if args.list_keys:
+        for f in fields(PretrainConfig):
+            meta = f.metadata
+            choices = f" [{' | '.join(meta['choices'])}]" if "choices" in meta else ""
+            default = f.default if f.default_factory is _MISSING else f.default_factory()
+            print(f"{f.name:24s} {str(default):14s} {meta.get('doc', '')}{choices}")
+        return 0
+    if not args.config:
+        raise CLIError(f"--config is required: a YAML file or one of {', '.join(config_names())}")
+    overrides = parse_overrides(args.overrides)
+    for flag, key in (("data", "data"), ("output_dir", "output_dir"), ("max_steps", "max_steps"),
+                      ("save_every", "save_every"), ("device", "device")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[key] = str(value)
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    from .pretrain import pretrain
+
+    summary = pretrain(cfg)
+    if summary.get("world_size", 1) == 1 or _rank() == 0:
+        print(f"[tokenmorph] done: {summary['steps']} steps in {summary['wall_time_s']:.0f} s "
+              f"({summary['img_per_s']:.1f} img/s), final loss {summary['final_loss']:.4f}, "
+              f"{summary['skipped_images']} undecodable images skipped; checkpoint {summary['checkpoint']}")
+        print(json.dumps(summary))
+    return 0
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
 # ------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -150,6 +199,29 @@ def build_parser() -> argparse.ArgumentParser:
     vm.add_argument("--seed", type=int, default=0, help="seed of paper mode's random split")
     vm.set_defaults(func=cmd_viz_morph)
 
+    pt = sub.add_parser(
+        "pretrain",
+        help="DTM pre-training of a ViT (one CPU, or many GPUs through torchrun)",
+        description="Pre-train a student ViT with Dynamic Token Morphing. A run folder is resumed automatically: "
+        "rerun the same command after an interruption. Multi-process: torchrun --nproc_per_node N -m tokenmorph "
+        "pretrain ... (gloo on CPU, NCCL on GPU; multi-node with torchrun's --nnodes/--rdzv-* flags).",
+        epilog="Examples:\n  tokenmorph pretrain --config smoke --data DIR --output-dir OUT --max-steps 8\n"
+        "  tokenmorph pretrain --config demo\n  tokenmorph pretrain --config vit-b16-in1k --data /data/imagenet/train "
+        "batch_size=2048 lr=3e-4",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pt.add_argument("--config", help="shipped config name (see --list-configs) or a YAML file")
+    pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=1e-3 model=tiny")
+    pt.add_argument("--data", help="training data: a folder of images (flat or class tree), or fashion-mnist")
+    pt.add_argument("--output-dir", help="run folder (checkpoints, metrics.jsonl, tb/); resumed if it holds checkpoints")
+    pt.add_argument("--max-steps", type=int, help="stop after N optimiser steps (the schedule spans N steps)")
+    pt.add_argument("--save-every", type=int, help="checkpoint every N steps")
+    pt.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default from the config: auto)")
+    pt.add_argument("--list-configs", action="store_true", help="print the shipped config names and exit")
+    pt.add_argument("--list-keys", action="store_true", help="print every config key with its default and exit")
+    pt.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    pt.set_defaults(func=cmd_pretrain)
+
     for parser in (bench, viz):
         parser.set_defaults(func=lambda a, _p=parser: (_p.print_help(), 2)[1])
     return p
@@ -163,9 +235,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except CLIError as e:
-        print(f"tokenmorph: error: {e}", file=sys.stderr)
+    except Exception as e:  # user-facing errors are one line; anything else is a bug: full traceback
+        if not _is_user_error(e):
+            raise
+        if _rank() == 0:
+            print(f"tokenmorph: error: {e}", file=sys.stderr)
         return 2
+
+
+def _is_user_error(e: Exception) -> bool:
+    from .config import ConfigError
+    from .data import DataError
+    from .teachers import TeacherError
+    from .train import TrainingError
+
+    return isinstance(e, (CLIError, ConfigError, DataError, TeacherError, TrainingError))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -153,7 +153,8 @@ class DTMLoss(nn.Module):
     Args:
         num_levels: L, independent schedules per call (2 in the paper).
         n_max, k_max: scheduler bounds (default n_max = N of the input, k_max = 14).
-        scheduler: "release" or "paper" (see :func:`tokenmorph.morph.sample_schedule`).
+        scheduler: "release" or "paper" (see :func:`tokenmorph.morph.sample_schedule`), or "none" for
+            token-wise distillation.
         mode, distance, beta, normalize_target, per_group: as :func:`dtm_loss`.
         masked_only: use the ``mask`` passed to ``forward`` (else it is ignored: all tokens count).
         seed: seed of the module's own schedule RNG (reproducible runs); None uses the global RNG.
@@ -178,6 +179,8 @@ class DTMLoss(nn.Module):
             raise ValueError(f"num_levels must be >= 1, got {num_levels}")
         if distance not in DISTANCES:
             raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        if scheduler not in ("release", "paper", "none"):
+            raise ValueError(f"scheduler must be 'release', 'paper' or 'none', got {scheduler!r}")
         self.num_levels, self.n_max, self.k_max = num_levels, n_max, k_max
         self.scheduler, self.mode = scheduler, mode
         self.distance, self.beta = distance, beta
@@ -186,15 +189,21 @@ class DTMLoss(nn.Module):
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.last_schedules: list[list[int]] = []
 
-    def sample_schedules(self, num_tokens: int) -> list[list[int]]:
+    def sample_schedules(self, num_tokens: int, rng=None) -> list[list[int]]:
+        """L schedules from ``rng`` (a random.Random / torch.Generator), else the module's own RNG.
+        ``scheduler="none"`` gives token-wise distillation (no merging)."""
+        if self.scheduler == "none":
+            return [[] for _ in range(self.num_levels)]
+        rng = self.rng if rng is None else rng
         n_max = num_tokens if self.n_max is None else min(self.n_max, num_tokens)
         return [
-            sample_schedule(num_tokens, n_max, self.k_max, self.scheduler, self.rng, protect_first=self.mode == "reference")
+            sample_schedule(num_tokens, n_max, self.k_max, self.scheduler, rng, protect_first=self.mode == "reference")
             for _ in range(self.num_levels)
         ]
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self.last_schedules = self.sample_schedules(pred.shape[1])
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None, rng=None) -> torch.Tensor:
+        """pred, target (B, N, D); mask (B, N) bool (used when ``masked_only``); ``rng`` seeds this call's schedules."""
+        self.last_schedules = self.sample_schedules(pred.shape[1], rng)
         return dtm_loss(
             pred,
             target,

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["group_colors", "draw_groups", "save_morph_figure"]
+__all__ = ["group_colors", "draw_groups", "save_morph_figure", "read_metrics", "plot_runs"]
 
 
 def group_colors(num_groups: int, seed: int = 0) -> np.ndarray:
@@ -98,5 +98,49 @@ def save_morph_figure(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (unparseable lines are skipped)."""
+    import json
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, keys: Sequence[str] = ("loss", "lr", "img_per_s")) -> Path:
+    """Training curves of one or more runs overlaid, one panel per metric key, against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(Path(d).name, read_metrics(d)) for d in run_dirs]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, records in runs:
+            pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=name, lw=1.4)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        if key == "loss":
+            ax.set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

@@ -1,0 +1,144 @@
+"""Pre-training end to end: the smoke config on a flat folder of real photos, exact resume, torchrun."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tokenmorph.models import create_student, timm_beit_kwargs
+
+from .test_cli import run_cli
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    """A flat folder (plus one nested sub-folder) of 40 real photo crops from scikit-image."""
+    import skimage.data
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("photos")
+    (root / "nested").mkdir()
+    rng = np.random.default_rng(0)
+    k = 0
+    for name in ("astronaut", "chelsea", "coffee", "rocket"):
+        img = getattr(skimage.data, name)()
+        for _ in range(10):
+            h, w = img.shape[:2]
+            s = int(rng.integers(64, min(h, w)))
+            y, x = int(rng.integers(0, h - s)), int(rng.integers(0, w - s))
+            folder = root / "nested" if k % 7 == 0 else root
+            ext = ".jpg" if k % 2 else ".png"
+            Image.fromarray(img[y : y + s, x : x + s]).save(folder / f"img_{k:03d}{ext}")
+            k += 1
+    return root
+
+
+def smoke(photo_dir, out, *extra, check=True):
+    return run_cli("pretrain", "--config", "smoke", "--data", str(photo_dir), "--output-dir", str(out), *extra, check=check)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run_dir):
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"))
+    return torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+
+
+def test_smoke_run_writes_everything(photo_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = smoke(photo_dir, out, "--max-steps", "8")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 8 and summary["finished"] and np.isfinite(summary["final_loss"])
+    assert summary["images_seen"] == 64 and summary["skipped_images"] == 0
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    assert records[0]["lr"] == 0.0 and records[2]["lr"] > records[-1]["lr"]  # warm-up then cosine
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*.pt"))
+    assert ckpts == ["step_00000004.pt", "step_00000008.pt"]  # keep_last 2
+    assert (out / "summary.json").exists() and (out / "loss_curve.png").stat().st_size > 1000
+    assert (out / "config.yaml").exists() and any((out / "tb").iterdir())
+    ckpt = final_weights(out)
+    assert ckpt["step"] == 8 and ckpt["kind"] == "pretrain"
+    # the student encoder loads into timm's BEiT strictly
+    import timm
+
+    student = create_student("tiny", target_dim=ckpt["target_dim"], img_size=32, patch_size=4, depth=2)
+    student.load_state_dict(ckpt["model"])
+    enc = timm.create_model("beit_base_patch16_224", num_classes=0, global_pool="", **timm_beit_kwargs(student))
+    enc.load_state_dict({k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")})
+
+
+def test_resume_is_exact(photo_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    smoke(photo_dir, a, "--max-steps", "8")
+    smoke(photo_dir, b, "--max-steps", "8", "stop_after=3")  # stops at step 3 with a checkpoint
+    assert sorted(p.name for p in (b / "checkpoints").glob("*.pt"))[-1] == "step_00000003.pt"
+    proc = smoke(photo_dir, b, "--max-steps", "8")  # resumes at step 3
+    assert "resuming from" in proc.stdout
+    la = [r["loss"] for r in read_metrics(a)]
+    lb = [r["loss"] for r in read_metrics(b)]
+    assert [r["step"] for r in read_metrics(b)] == list(range(1, 9))
+    assert la == lb  # bit for bit on the CPU
+    wa, wb = final_weights(a)["model"], final_weights(b)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_rejects_incompatible_run(photo_dir, tmp_path):
+    out = tmp_path / "run"
+    smoke(photo_dir, out, "--max-steps", "2")
+    proc = smoke(photo_dir, out, "--max-steps", "4", "depth=3", check=False)
+    assert proc.returncode == 2
+    assert "depth: checkpoint 2 vs run 3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_inputs_are_one_line(photo_dir, tmp_path):
+    proc = smoke(photo_dir, tmp_path / "x", "lrr=1", check=False)
+    assert proc.returncode == 2 and "unknown config key 'lrr'" in proc.stderr and "Traceback" not in proc.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = smoke(empty, tmp_path / "y", check=False)
+    assert proc.returncode == 2 and "no images" in proc.stderr and "Traceback" not in proc.stderr
+    proc = smoke(photo_dir, tmp_path / "z", "batch_size=64", check=False)
+    assert proc.returncode == 2 and "fewer than one global batch" in proc.stderr
+
+
+def test_bad_files_are_skipped_and_counted(photo_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(photo_dir, data)
+    (data / "zero.jpg").write_bytes(b"")
+    (data / "text.png").write_text("not an image")
+    raw = (photo_dir / "img_001.jpg").read_bytes()
+    (data / "truncated.jpg").write_bytes(raw[: len(raw) // 3])
+    out = tmp_path / "run"
+    proc = smoke(data, out, "--max-steps", "10", "batch_size=20")  # 43 files: every file is seen in 2 epochs
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["skipped_images"] >= 3 and summary["steps"] == 10
+    assert read_metrics(out)[-1]["skipped_images"] == summary["skipped_images"]
+    proc = smoke(data, tmp_path / "strict", "--max-steps", "10", "batch_size=20", "on_bad_image=raise", check=False)
+    assert proc.returncode != 0 and any(n in proc.stderr for n in ("zero.jpg", "text.png", "truncated.jpg"))
+
+
+def test_torchrun_two_processes_match_one(photo_dir, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--config", "smoke", "--data", str(photo_dir), "--max-steps", "4", "drop_path=0", "precision=fp32"]
+    run_cli("pretrain", *common, "--output-dir", str(one))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                           "-m", "tokenmorph", "pretrain", *common, "--output-dir", str(two)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w1, w2 = final_weights(one), final_weights(two)
+    assert w2["world_size"] == 2
+    for k in w1["model"]:
+        torch.testing.assert_close(w1["model"][k], w2["model"][k], rtol=1e-4, atol=1e-5)
+    l1 = [r["loss"] for r in read_metrics(one)]
+    l2 = [r["loss"] for r in read_metrics(two)]
+    np.testing.assert_allclose(l1, l2, rtol=1e-4)

@@ -1,0 +1,268 @@
+"""Validated run configurations: a dataclass of typed fields, YAML files, ``key=value`` overrides.
+
+Every problem is one line that names the key and what is allowed: an unknown key (with the closest
+valid names), a value of the wrong type, a value outside its choices or range. All checks run before any
+model or data set is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+__all__ = ["ConfigError", "PretrainConfig", "load_config", "config_names", "CONFIG_DIR", "parse_overrides"]
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message is one line naming the key and the fix."""
+
+
+@dataclass
+class PretrainConfig:
+    """Every setting of a pre-training run. ``doc`` metadata is shown by ``tokenmorph pretrain --list-keys``."""
+
+    # student
+    model: str = field(default="small", metadata=dict(doc="student size", choices=("tiny", "small", "base", "large")))
+    img_size: int = field(default=224, metadata=dict(doc="input side in pixels", min=8))
+    patch_size: int = field(default=16, metadata=dict(doc="patch side in pixels", min=1))
+    depth: Optional[int] = field(default=None, metadata=dict(doc="override the size's depth", min=1))
+    drop_path: float = field(default=0.1, metadata=dict(doc="stochastic depth rate", min=0.0, max=1.0))
+    layer_scale_init: float = field(default=0.1, metadata=dict(doc="LayerScale init value", min=0.0))
+    # teacher
+    teacher: str = field(default="clip-vit-b16", metadata=dict(doc="clip-vit-b16 | efficientnet-lite0 | pixels | timm:NAME"))
+    teacher_weights: Optional[str] = field(default=None, metadata=dict(doc="teacher weights file (safetensors or torch)"))
+    teacher_random_init: bool = field(default=False, metadata=dict(doc="random teacher weights (tests, benchmarks)"))
+    teacher_input_size: Optional[int] = field(default=None, metadata=dict(doc="side the teacher sees (default: its own)", min=8))
+    teacher_normalization: str = field(default="default", metadata=dict(
+        doc="teacher input normalisation: its own, or the release's ImageNet one for CLIP", choices=("default", "imagenet")))
+    teacher_kwargs: dict = field(default_factory=dict, metadata=dict(doc="extra teacher arguments (JSON object)"))
+    # data
+    data: str = field(default="fashion-mnist", metadata=dict(doc="folder of images (flat or class tree) or fashion-mnist"))
+    crop_scale_min: float = field(default=0.08, metadata=dict(doc="RandomResizedCrop smallest scale", min=0.0, max=1.0))
+    color_jitter: float = field(default=0.4, metadata=dict(doc="ColorJitter strength (0 = off)", min=0.0))
+    hflip: bool = field(default=True, metadata=dict(doc="random horizontal flip"))
+    num_workers: int = field(default=2, metadata=dict(doc="data-loader worker processes per rank", min=0))
+    on_bad_image: str = field(default="skip", metadata=dict(doc="undecodable file: skip and count, or stop", choices=("skip", "raise")))
+    # masking
+    num_masked: int = field(default=75, metadata=dict(doc="masked patches per image (block-wise)", min=0))
+    min_mask_block: int = field(default=16, metadata=dict(doc="smallest masking block, in patches", min=1))
+    # DTM
+    num_levels: int = field(default=2, metadata=dict(doc="morphing schedules per step (L)", min=1))
+    n_max: Optional[int] = field(default=None, metadata=dict(doc="largest num_merge (default: all patches)", min=0))
+    k_max: int = field(default=14, metadata=dict(doc="largest number of matching iterations", min=1))
+    scheduler: str = field(default="release", metadata=dict(doc="dynamic scheduler", choices=("release", "paper", "none")))
+    morph_mode: str = field(default="reference", metadata=dict(doc="matching semantics", choices=("reference", "paper")))
+    distance: str = field(default="smooth_l1", metadata=dict(doc="per-token distance", choices=("smooth_l1", "l1", "l2", "cosine")))
+    beta: float = field(default=2.0, metadata=dict(doc="smooth-L1 beta", min=0.0))
+    normalize_target: bool = field(default=False, metadata=dict(doc="standardise aggregated targets per token"))
+    loss_on: str = field(default="all", metadata=dict(doc="tokens in the loss", choices=("all", "masked")))
+    per_group: bool = field(default=False, metadata=dict(doc="one loss term per group instead of per token"))
+    # optimisation
+    epochs: float = field(default=300, metadata=dict(doc="training length in epochs (if max_steps is unset)", min=0.0))
+    max_steps: Optional[int] = field(default=None, metadata=dict(doc="training length in optimiser steps (overrides epochs)", min=0))
+    batch_size: int = field(default=1024, metadata=dict(doc="global batch (all ranks, all accumulation steps)", min=1))
+    accum_steps: int = field(default=1, metadata=dict(doc="gradient-accumulation micro-steps per optimiser step", min=1))
+    lr: float = field(default=1.5e-4, metadata=dict(doc="base learning rate (scaled by lr_scaling)", min=0.0))
+    lr_scaling: str = field(default="none", metadata=dict(
+        doc="lr = lr * (batch / lr_base_batch) for linear, its square root for sqrt", choices=("none", "linear", "sqrt")))
+    lr_base_batch: int = field(default=256, metadata=dict(doc="reference batch of lr_scaling", min=1))
+    min_lr: float = field(default=1e-5, metadata=dict(doc="final learning rate of the cosine", min=0.0))
+    warmup_epochs: float = field(default=10, metadata=dict(doc="linear warm-up length in epochs", min=0.0))
+    warmup_steps: Optional[int] = field(default=None, metadata=dict(doc="warm-up in steps (overrides warmup_epochs)", min=0))
+    weight_decay: float = field(default=0.05, metadata=dict(doc="AdamW weight decay", min=0.0))
+    weight_decay_end: Optional[float] = field(default=None, metadata=dict(doc="cosine weight-decay schedule end value", min=0.0))
+    beta1: float = field(default=0.9, metadata=dict(doc="AdamW beta1", min=0.0, max=1.0))
+    beta2: float = field(default=0.98, metadata=dict(doc="AdamW beta2", min=0.0, max=1.0))
+    clip_grad: Optional[float] = field(default=3.0, metadata=dict(doc="gradient-norm clipping (None = off)", min=0.0))
+    # runtime
+    precision: str = field(default="bf16", metadata=dict(doc="autocast dtype (fp16 uses a GradScaler, CUDA only)",
+                                                         choices=("bf16", "fp16", "fp32")))
+    device: str = field(default="auto", metadata=dict(doc="cpu, cuda, or auto", choices=("auto", "cpu", "cuda")))
+    seed: int = field(default=0, metadata=dict(doc="seed of every random choice"))
+    output_dir: Optional[str] = field(default=None, metadata=dict(doc="run folder (default runs/<config name>)"))
+    stop_after: Optional[int] = field(default=None, metadata=dict(
+        doc="end this invocation after N more steps with a checkpoint (the schedule still spans the whole run; rerun to go on)", min=1))
+    save_every: int = field(default=1000, metadata=dict(doc="checkpoint every N steps (and at the end)", min=1))
+    keep_last: int = field(default=3, metadata=dict(doc="checkpoints kept", min=1))
+    log_every: int = field(default=10, metadata=dict(doc="metrics.jsonl line every N steps", min=1))
+    nan_policy: str = field(default="stop", metadata=dict(doc="non-finite loss: stop, or skip the step", choices=("stop", "skip")))
+    tensorboard: bool = field(default=True, metadata=dict(doc="write TensorBoard logs"))
+    grad_checkpointing: bool = field(default=False, metadata=dict(doc="recompute activations in backward (saves memory)"))
+    name: str = field(default="run", metadata=dict(doc="run name (set from the config file name)"))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "PretrainConfig":
+        """Cross-field checks (single-field ones run when values are set)."""
+        for f in fields(self):
+            _check_value(f, getattr(self, f.name))
+        if self.img_size % self.patch_size:
+            raise ConfigError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
+        n = (self.img_size // self.patch_size) ** 2
+        if self.num_masked > n:
+            raise ConfigError(f"num_masked={self.num_masked} exceeds the {n} patches of a {self.img_size}px image "
+                              f"with patch_size={self.patch_size}")
+        if self.n_max is not None and self.n_max > n:
+            raise ConfigError(f"n_max={self.n_max} exceeds the {n} patches per image")
+        if self.batch_size % self.accum_steps:
+            raise ConfigError(f"batch_size={self.batch_size} is not divisible by accum_steps={self.accum_steps}")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ConfigError("set epochs > 0 or max_steps")
+        if self.loss_on == "masked" and self.num_masked == 0:
+            raise ConfigError("loss_on=masked needs num_masked > 0")
+        return self
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or None"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _resolve_type(f) -> Any:
+    hints = typing.get_type_hints(PretrainConfig)
+    return hints[f.name]
+
+
+def _coerce(f, value: Any) -> Any:
+    """Convert a YAML value or a command-line string to the field's type, or raise ConfigError."""
+    tp = _resolve_type(f)
+    optional = typing.get_origin(tp) is Union and type(None) in typing.get_args(tp)
+    base = [a for a in typing.get_args(tp) if a is not type(None)][0] if optional else tp
+    if isinstance(value, str):
+        text = value.strip()
+        if optional and text.lower() in ("none", "null", ""):
+            return None
+        if base is bool:
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+        elif base is int:
+            try:
+                return int(text)
+            except ValueError:
+                pass
+        elif base is float:
+            try:
+                return float(text)
+            except ValueError:
+                pass
+        elif base is dict:
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, dict):
+                return parsed
+        elif base is str:
+            return text
+        raise ConfigError(f"{f.name}={value!r} is not a valid {_type_name(tp)}")
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{f.name} cannot be None (expected {_type_name(tp)})")
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is bool and not isinstance(value, bool) or base is not bool and isinstance(value, bool):
+        raise ConfigError(f"{f.name}={value!r} is not a valid {_type_name(tp)}")
+    if not isinstance(value, base):
+        raise ConfigError(f"{f.name}={value!r} is not a valid {_type_name(tp)}")
+    return value
+
+
+def _check_value(f, value: Any) -> None:
+    meta = f.metadata
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{f.name}={value!r} is not one of: {', '.join(map(str, choices))}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{f.name}={value!r} is below its minimum {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{f.name}={value!r} is above its maximum {meta['max']}")
+
+
+def _field(name: str):
+    by_name = {f.name: f for f in fields(PretrainConfig)}
+    if name not in by_name:
+        close = difflib.get_close_matches(name, list(by_name), n=3)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown config key {name!r}{hint}; see `tokenmorph pretrain --list-keys`")
+    return by_name[name]
+
+
+def apply(cfg: PretrainConfig, updates: dict, source: str) -> PretrainConfig:
+    """Set keys on ``cfg`` with type coercion and checks; ``source`` names where they came from."""
+    for key, value in updates.items():
+        try:
+            f = _field(key)
+            value = _coerce(f, value)
+            _check_value(f, value)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (in {source})") from None
+        setattr(cfg, key, value)
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['lr=1e-3', 'model=tiny'] -> {'lr': '1e-3', 'model': 'tiny'} (values typed later)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. lr=1e-3)")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def config_names() -> list[str]:
+    """Names of the configs that ship with tokenmorph."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str, overrides: Optional[dict] = None) -> PretrainConfig:
+    """A shipped config by name, or a YAML file by path; then ``overrides``; then validation.
+
+    A config file may name a ``base:`` config whose values it extends.
+    """
+    cfg = PretrainConfig()
+    _load_into(cfg, name_or_path, seen=set())
+    if overrides:
+        apply(cfg, overrides, "command-line overrides")
+    return cfg.validate()
+
+
+def _load_into(cfg: PretrainConfig, name_or_path: str, seen: set) -> None:
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+        if not shipped.exists():
+            raise ConfigError(f"no config named {name_or_path!r}: give a YAML file path or one of {', '.join(config_names())}")
+        path = shipped
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path} includes itself through 'base:'")
+    seen.add(path.resolve())
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of key: value")
+    base = data.pop("base", None)
+    if base:
+        _load_into(cfg, base, seen)
+    cfg.name = path.stem
+    apply(cfg, data, str(path))

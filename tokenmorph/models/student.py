@@ -1,0 +1,151 @@
+"""The DTM student: a BEiT-style ViT that sees masked images and predicts teacher tokens.
+
+The encoder *is* timm's ``Beit`` (shared relative position bias, no absolute position embedding,
+LayerScale, qkv bias, LayerNorm eps 1e-6, drop path), so its ``state_dict`` loads into timm for
+fine-tuning. What DTM adds around it (method.md 1.2): a learned mask token that replaces the patch
+embeddings of masked patches, and a head, ``Linear(dim -> teacher dim)`` on every patch token after the
+encoder's final norm.
+
+Loading the encoder into timm (strict, no missing or unexpected keys)::
+
+    import timm
+    model = timm.create_model("beit_base_patch16_224", num_classes=0, global_pool="",
+                              **timm_beit_kwargs(student))          # shared bias, no per-block bias
+    model.load_state_dict(student.encoder.state_dict())
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from timm.layers import trunc_normal_
+from timm.models.beit import Beit
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["STUDENT_SIZES", "MaskedViTStudent", "create_student", "timm_beit_kwargs"]
+
+# size -> (embed_dim, depth, num_heads); tiny is DeiT-tiny's shape, for CPU-scale runs.
+STUDENT_SIZES = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}
+
+
+class MaskedViTStudent(nn.Module):
+    """BEiT-style masked ViT with a token head.
+
+    Args:
+        size: "tiny" | "small" | "base" | "large" (or give embed_dim / depth / num_heads).
+        target_dim: D of the teacher tokens the head predicts (512 for CLIP ViT-B/16).
+        img_size, patch_size: input side and patch side (16 at 224; e.g. 4 at 32 for small images).
+        drop_path_rate: stochastic depth (0.1 in DTM).
+        init_values: LayerScale init (0.1).
+        mean, std: input normalisation; ``forward`` takes images in [0, 1].
+        depth, embed_dim, num_heads: override the size's shape.
+    """
+
+    def __init__(
+        self,
+        size: str = "small",
+        target_dim: int = 512,
+        img_size: int = 224,
+        patch_size: int = 16,
+        drop_path_rate: float = 0.1,
+        init_values: float = 0.1,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        depth: Optional[int] = None,
+        embed_dim: Optional[int] = None,
+        num_heads: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        if size not in STUDENT_SIZES:
+            raise ValueError(f"unknown student size {size!r}; choose one of {', '.join(STUDENT_SIZES)}")
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        d, L, h = STUDENT_SIZES[size]
+        embed_dim, depth, num_heads = embed_dim or d, depth or L, num_heads or h
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.size = size
+        self.arch = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                         num_heads=num_heads, init_values=init_values)
+        self.encoder = Beit(
+            img_size=img_size,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            qkv_bias=True,
+            drop_path_rate=drop_path_rate,
+            init_values=init_values,
+            use_abs_pos_emb=False,
+            use_rel_pos_bias=False,
+            use_shared_rel_pos_bias=True,
+            num_classes=0,
+            global_pool="",
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        trunc_normal_(self.mask_token, std=0.02)
+        self.head = nn.Linear(embed_dim, target_dim)
+        trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.grad_checkpointing = False
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.encoder.patch_embed.grid_size)
+
+    @property
+    def num_patches(self) -> int:
+        return self.encoder.patch_embed.num_patches
+
+    @property
+    def embed_dim(self) -> int:
+        return self.encoder.embed_dim
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay (timm's convention, plus the mask token)."""
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"mask_token"}
+
+    def forward_features(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1], mask (B, N) bool (True = masked) -> (B, 1 + N, dim) after the final norm."""
+        enc = self.encoder
+        x = enc.patch_embed((images - self.mean) / self.std)
+        if mask is not None:
+            if mask.shape != x.shape[:2]:
+                raise ValueError(f"mask must be (B, N) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+            w = mask.unsqueeze(-1).to(x.dtype)
+            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        x = torch.cat([enc.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        x = enc.pos_drop(x)
+        rel_pos_bias = enc.rel_pos_bias()
+        for blk in enc.blocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(blk, x, rel_pos_bias, use_reentrant=False)
+            else:
+                x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+        return enc.norm(x)
+
+    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1], optional (B, N) mask -> (B, N, target_dim) predicted teacher tokens."""
+        return self.head(self.forward_features(images, mask)[:, 1:])
+
+
+def timm_beit_kwargs(student: MaskedViTStudent) -> dict:
+    """Keyword arguments for ``timm.create_model("beit_...")`` (or ``Beit(...)``) that give an encoder
+    whose state dict matches ``student.encoder`` key for key."""
+    a = student.arch
+    return dict(img_size=a["img_size"], patch_size=a["patch_size"], embed_dim=a["embed_dim"], depth=a["depth"],
+                num_heads=a["num_heads"], init_values=a["init_values"], use_abs_pos_emb=False,
+                use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
+
+
+def create_student(size: str = "small", **kwargs) -> MaskedViTStudent:
+    """Build a student by size name; see :class:`MaskedViTStudent` for the keyword arguments."""
+    return MaskedViTStudent(size=size, **kwargs)

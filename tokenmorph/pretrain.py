@@ -1,0 +1,86 @@
+"""Pre-training: build data, teacher, student and objective from a config, then run the engine."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from .config import PretrainConfig
+from .train import DistInfo, Engine, KeyedDataset, init_distributed, mix_seed, seed_all
+
+__all__ = ["run_dir_for", "build_student_and_teacher", "pretrain"]
+
+# Settings a checkpoint must share with the run that resumes it (the rest may change, e.g. max_steps).
+COMPAT_KEYS = ("model", "img_size", "patch_size", "depth", "teacher")
+
+
+def run_dir_for(cfg: PretrainConfig) -> Path:
+    return Path(cfg.output_dir) if cfg.output_dir else Path("runs") / cfg.name
+
+
+def build_student_and_teacher(cfg: PretrainConfig, device: torch.device, mean=None, std=None):
+    """(student, teacher) on ``device``; ``mean``/``std`` normalise the student's input (data set stats)."""
+    from .data import dataset_stats
+    from .models import create_student
+    from .teachers import build_teacher
+
+    if mean is None or std is None:
+        mean, std = dataset_stats(cfg.data)
+    amp_dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16
+    kwargs = dict(cfg.teacher_kwargs)
+    # pixel targets use the student's patch; a timm teacher keeps its own unless teacher_kwargs sets one
+    patch_size = kwargs.pop("patch_size", cfg.patch_size if cfg.teacher == "pixels" else None)
+    teacher = build_teacher(cfg.teacher, weights=cfg.teacher_weights, random_init=cfg.teacher_random_init,
+                            input_size=cfg.teacher_input_size, normalization=cfg.teacher_normalization,
+                            amp=cfg.precision != "fp32", amp_dtype=amp_dtype, patch_size=patch_size,
+                            device=device, **kwargs)
+    student = create_student(cfg.model, target_dim=teacher.dim, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                             drop_path_rate=cfg.drop_path, init_values=cfg.layer_scale_init, mean=mean, std=std,
+                             depth=cfg.depth).to(device)
+    student.grad_checkpointing = cfg.grad_checkpointing
+    return student, teacher
+
+
+def pretrain(cfg: PretrainConfig, dist_info: Optional[DistInfo] = None) -> dict:
+    """Run (or resume) DTM pre-training as configured; returns the summary (also in summary.json)."""
+    from .data import build_dataset, dataset_stats, pretrain_transform
+    from .objectives import DTMObjective
+
+    cfg.validate()
+    dist_info = dist_info or init_distributed(cfg.device)
+    run_dir = run_dir_for(cfg)
+    dataset = build_dataset(cfg.data, train=True, on_error=cfg.on_bad_image,
+                            transform=pretrain_transform(cfg.img_size, (cfg.crop_scale_min, 1.0), cfg.color_jitter, cfg.hflip))
+    mean, std = dataset_stats(cfg.data)
+    seed_all(mix_seed(cfg.seed, 0xB11D))  # random inits (student, a random teacher) are part of the run's identity
+    student, teacher = build_student_and_teacher(cfg, dist_info.device, mean, std)
+    objective = DTMObjective(teacher, student.grid, cfg)
+    keyed = KeyedDataset(dataset, cfg.seed, extra_fn=objective.mask_fn)
+    compat = {k: getattr(cfg, k) for k in COMPAT_KEYS} | {"target_dim": teacher.dim, "framework": "beit"}
+    engine = Engine(cfg, student, objective, keyed, run_dir, dist_info, kind="pretrain", compat=compat,
+                    extra_state={"student_arch": student.arch, "student_size": cfg.model, "target_dim": teacher.dim,
+                                 "data_stats": {"mean": list(mean), "std": list(std)}})
+    resumed = engine.resume()
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        n_params = sum(p.numel() for p in student.parameters())
+        where = f"resuming from {resumed} (step {engine.step})" if resumed else "starting"
+        print(f"[tokenmorph] {where}: {cfg.name}, student {cfg.model} ({n_params / 1e6:.1f} M params, grid "
+              f"{student.grid[0]}x{student.grid[1]}), teacher {cfg.teacher} ({teacher.dim}-d), {len(dataset)} images, "
+              f"{engine.total_steps} steps of {cfg.batch_size}, lr {engine.lr:.3g}, {dist_info.world_size} process(es) "
+              f"on {dist_info.device}, output {run_dir}", flush=True)
+    summary = engine.train()
+    summary.update(config=cfg.name, run_dir=str(run_dir))
+    if dist_info.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        try:
+            from .viz import plot_runs
+
+            summary["plot"] = str(plot_runs([run_dir], run_dir / "loss_curve.png"))
+        except ImportError:  # matplotlib is an optional extra
+            pass
+    return summary
