@@ -70,3 +70,13 @@ def test_not_an_image_is_a_clear_error(tmp_path):
     bad.write_text("not an image")
     proc = run_cli("viz", "morph", str(bad), "--out", str(tmp_path / "o.png"), check=False)
     assert proc.returncode == 2 and "cannot decode image" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_pretrain_json_small():
+    proc = run_cli("bench", "pretrain", "--json", "--model", "tiny", "--teacher", "pixels", "--img-size", "64",
+                   "--batch-size", "2", "--steps", "1")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["benchmark"] == "pretrain" and r["images_per_second"] > 0
+    assert set(r["phases_s"]) == {"teacher", "student_forward", "morph_loss", "backward", "optimizer"}
+    assert r["model_flops_per_step"] > 0 and 0 < r["fraction_of_peak"] < 2
+    assert r["baseline"]["images_per_second"] > 0 and r["speedup_vs_release"] > 0

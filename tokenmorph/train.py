@@ -35,6 +35,7 @@ __all__ = [
     "TrainingError",
     "DistInfo",
     "init_distributed",
+    "shutdown_distributed",
     "mix_seed",
     "KeyedDataset",
     "StepBatchSampler",
@@ -91,6 +92,12 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
     return DistInfo(rank, world, local_rank, device)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group (a gloo process that exits without it can abort at interpreter exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def mix_seed(*values: int) -> int:
