@@ -52,7 +52,7 @@ def test_bad_values_name_themselves(override, message):
 
 
 def test_bad_files_and_names(tmp_path):
-    with pytest.raises(ConfigError, match="no config named 'nope'"):
+    with pytest.raises(ConfigError, match="no pretrain config named 'nope'"):
         load_config("nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: tiny\nfoo: 1\n")

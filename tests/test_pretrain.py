@@ -142,3 +142,29 @@ def test_torchrun_two_processes_match_one(photo_dir, tmp_path):
     l1 = [r["loss"] for r in read_metrics(one)]
     l2 = [r["loss"] for r in read_metrics(two)]
     np.testing.assert_allclose(l1, l2, rtol=1e-4)
+
+
+def test_sigterm_to_the_process_group_saves_and_resumes(photo_dir, tmp_path):
+    """Preemption: SIGTERM to the whole group (workers too) ends the step, saves, exits 2; rerun resumes."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tokenmorph", "pretrain", "--config", "smoke", "--data", str(photo_dir),
+           "--output-dir", str(out), "num_workers=2", "save_every=1000"]
+    proc = subprocess.Popen(cmd + ["--max-steps", "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-2000:]
+    assert "stopped by signal" in err and "Traceback" not in err
+    saved = sorted((out / "checkpoints").glob("step_*.pt"))
+    assert len(saved) == 1
+    step = int(saved[0].stem.split("_")[1])
+    assert 3 <= step < 500
+    resumed = subprocess.run(cmd + ["--max-steps", "500", "stop_after=2"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and f"(step {step})" in resumed.stdout, resumed.stderr[-2000:]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["steps"] == step + 2

@@ -10,8 +10,6 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from dataclasses import MISSING as _MISSING
-
 from . import __version__
 
 
@@ -80,63 +78,43 @@ def cmd_bench_pretrain(args: argparse.Namespace) -> int:
 def cmd_viz_morph(args: argparse.Namespace) -> int:
     import torch
 
-    from .images import SAMPLE_PHOTOS, load_image, patchify
-    from .morph import bipartite_morph, effective_schedule, spread_schedule
-    from .viz import save_morph_figure
+    from .analysis import build_feature_teacher, resolve_schedules
+    from .images import SAMPLE_PHOTOS, load_image
+    from .viz import morph_gallery
 
-    sources = args.images or [f"skimage:{n}" for n in SAMPLE_PHOTOS[:4]]
+    if args.teacher and args.features:
+        raise CLIError("--features and --teacher both choose the token features; pass one of them")
     if args.size % args.patch:
         raise CLIError(f"--size {args.size} is not a multiple of --patch {args.patch}")
-    grid = (args.size // args.patch, args.size // args.patch)
-    N = grid[0] * grid[1]
-    protect = args.mode == "reference"
-    if args.schedule:
-        schedules = [parse_schedule(s) for s in args.schedule]
-    else:
-        groups = parse_int_list(args.groups, "--groups")
-        lowest = 2 if protect else 1
-        bad = [g for g in groups if not lowest <= g <= N]
-        if bad:
-            raise CLIError(f"--groups {bad} out of range: each must be in [{lowest}, {N}] for a {grid[0]}x{grid[1]} grid")
-        schedules = [spread_schedule(N, g, args.iterations, protect) for g in groups]
+    N = (args.size // args.patch) ** 2
+    schedules = resolve_schedules(N, None if args.schedule else parse_int_list(args.groups, "--groups"),
+                                  [parse_schedule(s) for s in args.schedule or []], args.iterations, args.mode)
+    source = args.teacher or args.features or "raw-pixels"
+    # --features pixels (before --teacher existed): per-patch normalisation over all p*p*3 values jointly.
+    extra = {"norm": "joint"} if args.features == "pixels" else {}
+    teacher = build_feature_teacher(source, patch_size=args.patch, weights=args.teacher_weights,
+                                    random_init=args.random_init, input_size=args.teacher_input_size, **extra)
+    sources = args.images or [f"skimage:{n}" for n in SAMPLE_PHOTOS[:4]]
     try:
-        images = [load_image(s, args.size) for s in sources]
+        images = torch.stack([load_image(s, args.size) for s in sources])
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(str(e)) from None
-    x = torch.stack(images)
-    feats = patchify(x * 2 - 1, args.patch)  # raw patch pixels in [-1, 1]
-    if args.features == "pixels":  # per-patch normalised (MAE targets)
-        feats = (feats - feats.mean(-1, keepdim=True)) / (feats.std(-1, keepdim=True) + 1e-6)
-    gen = torch.Generator().manual_seed(args.seed)
-    labels, titles = [], []
-    for s in schedules:
-        m = bipartite_morph(feats, s, mode=args.mode, generator=gen)
-        labels.append(m.labels)
-        eff = effective_schedule(N, s, protect)
-        titles.append("token-wise" if m.num_groups == N else f"{m.num_groups} groups ({len([r for r in eff if r])} it.)")
     names = [s.split(":", 1)[-1].split("/")[-1] for s in sources]
-    per_image = [[lab[i] for lab in labels] for i in range(len(images))]
-    out = save_morph_figure(images, per_image, titles, names, grid, args.out,
-                            suptitle=f"DTM token morphing of {args.features} features, mode={args.mode}")
+    out = morph_gallery(images, teacher, schedules, args.out, patch_size=args.patch, mode=args.mode, row_names=names,
+                        seed=args.seed, suptitle=f"DTM token morphing of {source} features, mode={args.mode}")
     print(f"wrote {out}  ({len(images)} images x {len(schedules)} schedules)")
     return 0
 
 
 # ------------------------------------------------------------------------------------- pretrain
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from dataclasses import fields
-
-    from .config import PretrainConfig, config_names, load_config, parse_overrides
+    from .config import config_names, describe_keys, load_config, parse_overrides
 
     if args.list_configs:
         print("\n".join(config_names()))
         return 0
     if args.list_keys:
-        for f in fields(PretrainConfig):
-            meta = f.metadata
-            choices = f" [{' | '.join(meta['choices'])}]" if "choices" in meta else ""
-            default = f.default if f.default_factory is _MISSING else f.default_factory()
-            print(f"{f.name:24s} {str(default):14s} {meta.get('doc', '')}{choices}")
+        print(describe_keys("pretrain"))
         return 0
     if not args.config:
         raise CLIError(f"--config is required: a YAML file or one of {', '.join(config_names())}")
@@ -174,6 +152,44 @@ def _rank() -> int:
 
 
 # ------------------------------------------------------------------------------------------ main
+# Sub-commands that live in their own modules: (group, name, module, help). Each module defines
+# ``add_arguments(parser)`` and ``run(args) -> int`` and imports torch only inside ``run``, so that
+# building the parser (``tokenmorph --help``) stays instant.
+MODULE_COMMANDS = [
+    ("eval", "knn", "tokenmorph.eval.knn", "weighted k-NN classification on frozen features"),
+    ("eval", "linear", "tokenmorph.eval.linear", "linear probe on frozen features"),
+    (None, "finetune", "tokenmorph.finetune", "fine-tune a pre-trained backbone (the paper's protocol)"),
+    (None, "export", "tokenmorph.export", "export a student encoder as a timm-loadable safetensors file"),
+    (None, "compare", "tokenmorph.compare", "DTM vs token-wise distillation under the same budget"),
+    ("analyze", "consistency", "tokenmorph.analysis", "spatial consistency of teacher targets, before and after morphing"),
+    (None, "plot", "tokenmorph.plots", "training curves of one or more runs"),
+]
+
+
+def _add_module_commands(sub, groups: dict) -> None:
+    import importlib
+
+    for group, name, module, help_text in MODULE_COMMANDS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:  # a real missing dependency inside the module
+                raise
+            continue
+        if group is None:
+            parent = sub
+        else:
+            if group not in groups:
+                g = sub.add_parser(group, help=f"{group} commands")
+                groups[group] = (g, g.add_subparsers(dest=f"{group}_command", metavar=group.upper()))
+                g.set_defaults(func=lambda a, _p=g: (_p.print_help(), 2)[1])
+            parent = groups[group][1]
+        parser = parent.add_parser(name, help=help_text, description=getattr(mod, "DESCRIPTION", help_text),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(parser)
+        parser.set_defaults(func=mod.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tokenmorph",
@@ -238,8 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="target group counts, one column each (default 196,98,49,16,8)")
     vm.add_argument("--iterations", type=int, default=14, help="matching iterations per schedule for --groups (default 14)")
     vm.add_argument("--schedule", action="append", metavar="S", help="explicit schedule per column instead of --groups, e.g. 14x14")
-    vm.add_argument("--features", choices=["raw-pixels", "pixels"], default="raw-pixels",
-                    help="token features: raw patch pixels in [-1, 1], or per-patch normalised pixels")
+    vm.add_argument("--features", choices=["raw-pixels", "pixels"],
+                    help="pixel token features without --teacher: raw patch pixels in [-1, 1] (the default), or "
+                         "per-patch normalised pixels")
+    vm.add_argument("--teacher", metavar="NAME",
+                    help="token features from a teacher: pixels, efficientnet-lite0 (offline ImageNet weights), "
+                         "clip-vit-b16, timm:NAME, or raw-pixels")
+    vm.add_argument("--teacher-weights", metavar="FILE", help="teacher state-dict file")
+    vm.add_argument("--random-init", action="store_true", help="random teacher weights (tests)")
+    vm.add_argument("--teacher-input-size", type=int, metavar="N", help="side the teacher sees (default: its own)")
     vm.add_argument("--mode", choices=["reference", "paper"], default="reference")
     vm.add_argument("--size", type=int, default=224, help="image side after centre crop (default 224)")
     vm.add_argument("--patch", type=int, default=16, help="patch size (default 16)")
@@ -271,17 +294,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     for parser in (bench, viz):
         parser.set_defaults(func=lambda a, _p=parser: (_p.print_help(), 2)[1])
+    _add_module_commands(sub, {"bench": (bench, bsub), "viz": (viz, vsub)})
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may sit anywhere among the flags (argparse alone takes them in one run)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # output piped into e.g. `head`: not an error
+        sys.stderr.close()
+        return 0
     except Exception as e:  # user-facing errors are one line; anything else is a bug: full traceback
         if not _is_user_error(e):
             raise

@@ -16,7 +16,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-__all__ = ["ConfigError", "PretrainConfig", "load_config", "config_names", "CONFIG_DIR", "parse_overrides"]
+__all__ = ["ConfigError", "EngineConfig", "PretrainConfig", "FinetuneConfig", "load_config", "config_names",
+           "CONFIG_DIR", "parse_overrides", "describe_keys"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -26,45 +27,9 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class PretrainConfig:
-    """Every setting of a pre-training run. ``doc`` metadata is shown by ``tokenmorph pretrain --list-keys``."""
+class EngineConfig:
+    """Settings of the training engine, shared by every kind of run (pre-training, fine-tuning)."""
 
-    # student
-    model: str = field(default="small", metadata=dict(doc="student size", choices=("tiny", "small", "base", "large")))
-    img_size: int = field(default=224, metadata=dict(doc="input side in pixels", min=8))
-    patch_size: int = field(default=16, metadata=dict(doc="patch side in pixels", min=1))
-    depth: Optional[int] = field(default=None, metadata=dict(doc="override the size's depth", min=1))
-    drop_path: float = field(default=0.1, metadata=dict(doc="stochastic depth rate", min=0.0, max=1.0))
-    layer_scale_init: float = field(default=0.1, metadata=dict(doc="LayerScale init value", min=0.0))
-    # teacher
-    teacher: str = field(default="clip-vit-b16", metadata=dict(doc="clip-vit-b16 | efficientnet-lite0 | pixels | timm:NAME"))
-    teacher_weights: Optional[str] = field(default=None, metadata=dict(doc="teacher weights file (safetensors or torch)"))
-    teacher_random_init: bool = field(default=False, metadata=dict(doc="random teacher weights (tests, benchmarks)"))
-    teacher_input_size: Optional[int] = field(default=None, metadata=dict(doc="side the teacher sees (default: its own)", min=8))
-    teacher_normalization: str = field(default="default", metadata=dict(
-        doc="teacher input normalisation: its own, or the release's ImageNet one for CLIP", choices=("default", "imagenet")))
-    teacher_kwargs: dict = field(default_factory=dict, metadata=dict(doc="extra teacher arguments (JSON object)"))
-    # data
-    data: str = field(default="fashion-mnist", metadata=dict(doc="folder of images (flat or class tree) or fashion-mnist"))
-    crop_scale_min: float = field(default=0.08, metadata=dict(doc="RandomResizedCrop smallest scale", min=0.0, max=1.0))
-    color_jitter: float = field(default=0.4, metadata=dict(doc="ColorJitter strength (0 = off)", min=0.0))
-    hflip: bool = field(default=True, metadata=dict(doc="random horizontal flip"))
-    num_workers: int = field(default=2, metadata=dict(doc="data-loader worker processes per rank", min=0))
-    on_bad_image: str = field(default="skip", metadata=dict(doc="undecodable file: skip and count, or stop", choices=("skip", "raise")))
-    # masking
-    num_masked: int = field(default=75, metadata=dict(doc="masked patches per image (block-wise)", min=0))
-    min_mask_block: int = field(default=16, metadata=dict(doc="smallest masking block, in patches", min=1))
-    # DTM
-    num_levels: int = field(default=2, metadata=dict(doc="morphing schedules per step (L)", min=1))
-    n_max: Optional[int] = field(default=None, metadata=dict(doc="largest num_merge (default: all patches)", min=0))
-    k_max: int = field(default=14, metadata=dict(doc="largest number of matching iterations", min=1))
-    scheduler: str = field(default="release", metadata=dict(doc="dynamic scheduler", choices=("release", "paper", "none")))
-    morph_mode: str = field(default="reference", metadata=dict(doc="matching semantics", choices=("reference", "paper")))
-    distance: str = field(default="smooth_l1", metadata=dict(doc="per-token distance", choices=("smooth_l1", "l1", "l2", "cosine")))
-    beta: float = field(default=2.0, metadata=dict(doc="smooth-L1 beta", min=0.0))
-    normalize_target: bool = field(default=False, metadata=dict(doc="standardise aggregated targets per token"))
-    loss_on: str = field(default="all", metadata=dict(doc="tokens in the loss", choices=("all", "masked")))
-    per_group: bool = field(default=False, metadata=dict(doc="one loss term per group instead of per token"))
     # optimisation
     epochs: float = field(default=300, metadata=dict(doc="training length in epochs (if max_steps is unset)", min=0.0))
     max_steps: Optional[int] = field(default=None, metadata=dict(doc="training length in optimiser steps (overrides epochs)", min=0))
@@ -87,6 +52,7 @@ class PretrainConfig:
                                                          choices=("bf16", "fp16", "fp32")))
     device: str = field(default="auto", metadata=dict(doc="cpu, cuda, or auto", choices=("auto", "cpu", "cuda")))
     seed: int = field(default=0, metadata=dict(doc="seed of every random choice"))
+    num_workers: int = field(default=2, metadata=dict(doc="data-loader worker processes per rank", min=0))
     output_dir: Optional[str] = field(default=None, metadata=dict(doc="run folder (default runs/<config name>)"))
     stop_after: Optional[int] = field(default=None, metadata=dict(
         doc="end this invocation after N more steps with a checkpoint (the schedule still spans the whole run; rerun to go on)", min=1))
@@ -101,10 +67,58 @@ class PretrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "PretrainConfig":
-        """Cross-field checks (single-field ones run when values are set)."""
+    def validate(self):
+        """Field checks, then the engine's cross-field checks; subclasses add their own."""
         for f in fields(self):
             _check_value(f, getattr(self, f.name))
+        if self.batch_size % self.accum_steps:
+            raise ConfigError(f"batch_size={self.batch_size} is not divisible by accum_steps={self.accum_steps}")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ConfigError("set epochs > 0 or max_steps")
+        return self
+
+
+@dataclass
+class PretrainConfig(EngineConfig):
+    """Every setting of a pre-training run. ``doc`` metadata is shown by ``tokenmorph pretrain --list-keys``."""
+
+    # student
+    model: str = field(default="small", metadata=dict(doc="student size", choices=("tiny", "small", "base", "large")))
+    img_size: int = field(default=224, metadata=dict(doc="input side in pixels", min=8))
+    patch_size: int = field(default=16, metadata=dict(doc="patch side in pixels", min=1))
+    depth: Optional[int] = field(default=None, metadata=dict(doc="override the size's depth", min=1))
+    drop_path: float = field(default=0.1, metadata=dict(doc="stochastic depth rate", min=0.0, max=1.0))
+    layer_scale_init: float = field(default=0.1, metadata=dict(doc="LayerScale init value", min=0.0))
+    # teacher
+    teacher: str = field(default="clip-vit-b16", metadata=dict(doc="clip-vit-b16 | efficientnet-lite0 | pixels | timm:NAME"))
+    teacher_weights: Optional[str] = field(default=None, metadata=dict(doc="teacher weights file (safetensors or torch)"))
+    teacher_random_init: bool = field(default=False, metadata=dict(doc="random teacher weights (tests, benchmarks)"))
+    teacher_input_size: Optional[int] = field(default=None, metadata=dict(doc="side the teacher sees (default: its own)", min=8))
+    teacher_normalization: str = field(default="default", metadata=dict(
+        doc="teacher input normalisation: its own, or the release's ImageNet one for CLIP", choices=("default", "imagenet")))
+    teacher_kwargs: dict = field(default_factory=dict, metadata=dict(doc="extra teacher arguments (JSON object)"))
+    # data
+    data: str = field(default="fashion-mnist", metadata=dict(doc="folder of images (flat or class tree) or fashion-mnist"))
+    crop_scale_min: float = field(default=0.08, metadata=dict(doc="RandomResizedCrop smallest scale", min=0.0, max=1.0))
+    color_jitter: float = field(default=0.4, metadata=dict(doc="ColorJitter strength (0 = off)", min=0.0))
+    hflip: bool = field(default=True, metadata=dict(doc="random horizontal flip"))
+    on_bad_image: str = field(default="skip", metadata=dict(doc="undecodable file: skip and count, or stop", choices=("skip", "raise")))
+    # masking
+    num_masked: int = field(default=75, metadata=dict(doc="masked patches per image (block-wise)", min=0))
+    min_mask_block: int = field(default=16, metadata=dict(doc="smallest masking block, in patches", min=1))
+    # DTM
+    num_levels: int = field(default=2, metadata=dict(doc="morphing schedules per step (L)", min=1))
+    n_max: Optional[int] = field(default=None, metadata=dict(doc="largest num_merge (default: all patches)", min=0))
+    k_max: int = field(default=14, metadata=dict(doc="largest number of matching iterations", min=1))
+    scheduler: str = field(default="release", metadata=dict(doc="dynamic scheduler", choices=("release", "paper", "none")))
+    morph_mode: str = field(default="reference", metadata=dict(doc="matching semantics", choices=("reference", "paper")))
+    distance: str = field(default="smooth_l1", metadata=dict(doc="per-token distance", choices=("smooth_l1", "l1", "l2", "cosine")))
+    beta: float = field(default=2.0, metadata=dict(doc="smooth-L1 beta", min=0.0))
+    normalize_target: bool = field(default=False, metadata=dict(doc="standardise aggregated targets per token"))
+    loss_on: str = field(default="all", metadata=dict(doc="tokens in the loss", choices=("all", "masked")))
+    per_group: bool = field(default=False, metadata=dict(doc="one loss term per group instead of per token"))
+    def validate(self) -> "PretrainConfig":
+        super().validate()
         if self.img_size % self.patch_size:
             raise ConfigError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
         n = (self.img_size // self.patch_size) ** 2
@@ -113,13 +127,67 @@ class PretrainConfig:
                               f"with patch_size={self.patch_size}")
         if self.n_max is not None and self.n_max > n:
             raise ConfigError(f"n_max={self.n_max} exceeds the {n} patches per image")
-        if self.batch_size % self.accum_steps:
-            raise ConfigError(f"batch_size={self.batch_size} is not divisible by accum_steps={self.accum_steps}")
-        if self.max_steps is None and self.epochs <= 0:
-            raise ConfigError("set epochs > 0 or max_steps")
         if self.loss_on == "masked" and self.num_masked == 0:
             raise ConfigError("loss_on=masked needs num_masked > 0")
         return self
+
+
+@dataclass
+class FinetuneConfig(EngineConfig):
+    """Every setting of a fine-tuning run (method.md 1.6's protocol on timm's pieces)."""
+
+    # backbone
+    checkpoint: Optional[str] = field(default=None, metadata=dict(
+        doc="pre-trained backbone: a tokenmorph checkpoint or run folder (None = random init of model)"))
+    model: str = field(default="small", metadata=dict(doc="size when training from scratch", choices=("tiny", "small", "base", "large")))
+    img_size: Optional[int] = field(default=None, metadata=dict(doc="input side (default: the checkpoint's)", min=8))
+    patch_size: int = field(default=16, metadata=dict(doc="patch side when training from scratch", min=1))
+    drop_path: float = field(default=0.1, metadata=dict(doc="stochastic depth rate", min=0.0, max=1.0))
+    layer_decay: float = field(default=0.6, metadata=dict(doc="layer-wise lr decay (timm param groups)", min=0.0, max=1.0))
+    global_pool: str = field(default="avg", metadata=dict(doc="mean-pooled patch tokens + fc_norm, or the CLS token",
+                                                          choices=("avg", "token")))
+    rel_pos_init: str = field(default="per_block", metadata=dict(
+        doc="per_block: every block gets its own relative position bias, initialised from the shared one",
+        choices=("per_block", "shared")))
+    # data and augmentation
+    data: str = field(default="fashion-mnist", metadata=dict(doc="training data: an ImageFolder tree, or fashion-mnist"))
+    val_data: Optional[str] = field(default=None, metadata=dict(doc="validation ImageFolder tree (fashion-mnist: its test split)"))
+    crop_pct: Optional[float] = field(default=None, metadata=dict(doc="eval centre-crop fraction (default 0.875; 1.0 below 64 px)",
+                                                                   min=0.1, max=1.0))
+    randaug: str = field(default="rand-m9-mstd0.5-inc1", metadata=dict(doc="timm RandAugment spec ('' = off)"))
+    mixup: float = field(default=0.8, metadata=dict(doc="Mixup alpha (0 = off)", min=0.0))
+    cutmix: float = field(default=1.0, metadata=dict(doc="CutMix alpha (0 = off)", min=0.0))
+    smoothing: float = field(default=0.1, metadata=dict(doc="label smoothing", min=0.0, max=1.0))
+    reprob: float = field(default=0.25, metadata=dict(doc="random-erasing probability", min=0.0, max=1.0))
+    eval_batch_size: int = field(default=256, metadata=dict(doc="batch of the final evaluation", min=1))
+    # the paper's fine-tuning optimiser (AdamW, lr 5e-4, wd 0.05), overriding the pre-training defaults
+    lr: float = field(default=5e-4, metadata=dict(doc="base learning rate (scaled by lr_scaling)", min=0.0))
+    beta2: float = field(default=0.999, metadata=dict(doc="AdamW beta2", min=0.0, max=1.0))
+    clip_grad: Optional[float] = field(default=None, metadata=dict(doc="gradient-norm clipping (None = off)", min=0.0))
+    epochs: float = field(default=100, metadata=dict(doc="training length in epochs (if max_steps is unset)", min=0.0))
+    min_lr: float = field(default=1e-6, metadata=dict(doc="final learning rate of the cosine", min=0.0))
+
+    def validate(self) -> "FinetuneConfig":
+        super().validate()
+        if (self.mixup > 0 or self.cutmix > 0) and (self.batch_size // self.accum_steps) % 2:
+            raise ConfigError(f"Mixup/CutMix need an even micro-batch; batch_size={self.batch_size} / accum_steps="
+                              f"{self.accum_steps} is odd (or set mixup=0 cutmix=0)")
+        return self
+
+
+CONFIG_CLASSES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
+KINDS_BY_CLASS = {v: k for k, v in CONFIG_CLASSES.items()}
+
+
+def describe_keys(kind: str) -> str:
+    """One line per key of a config kind: name, default, meaning, choices (for --list-keys)."""
+    lines = []
+    for f in fields(CONFIG_CLASSES[kind]):
+        meta = f.metadata
+        choices = f" [{' | '.join(meta['choices'])}]" if "choices" in meta else ""
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        lines.append(f"{f.name:24s} {str(default):14s} {meta.get('doc', '')}{choices}")
+    return "\n".join(lines)
 
 
 def _type_name(tp) -> str:
@@ -130,14 +198,9 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _resolve_type(f) -> Any:
-    hints = typing.get_type_hints(PretrainConfig)
-    return hints[f.name]
-
-
-def _coerce(f, value: Any) -> Any:
+def _coerce(cls, f, value: Any) -> Any:
     """Convert a YAML value or a command-line string to the field's type, or raise ConfigError."""
-    tp = _resolve_type(f)
+    tp = typing.get_type_hints(cls)[f.name]
     optional = typing.get_origin(tp) is Union and type(None) in typing.get_args(tp)
     base = [a for a in typing.get_args(tp) if a is not type(None)][0] if optional else tp
     if isinstance(value, str):
@@ -195,21 +258,22 @@ def _check_value(f, value: Any) -> None:
         raise ConfigError(f"{f.name}={value!r} is above its maximum {meta['max']}")
 
 
-def _field(name: str):
-    by_name = {f.name: f for f in fields(PretrainConfig)}
+def _field(cls, name: str):
+    by_name = {f.name: f for f in fields(cls)}
     if name not in by_name:
         close = difflib.get_close_matches(name, list(by_name), n=3)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-        raise ConfigError(f"unknown config key {name!r}{hint}; see `tokenmorph pretrain --list-keys`")
+        raise ConfigError(f"unknown config key {name!r}{hint}; see `tokenmorph {KINDS_BY_CLASS[cls]} --list-keys`")
     return by_name[name]
 
 
-def apply(cfg: PretrainConfig, updates: dict, source: str) -> PretrainConfig:
+def apply(cfg: EngineConfig, updates: dict, source: str) -> EngineConfig:
     """Set keys on ``cfg`` with type coercion and checks; ``source`` names where they came from."""
+    cls = type(cfg)
     for key, value in updates.items():
         try:
-            f = _field(key)
-            value = _coerce(f, value)
+            f = _field(cls, key)
+            value = _coerce(cls, f, value)
             _check_value(f, value)
         except ConfigError as e:
             raise ConfigError(f"{e} (in {source})") from None
@@ -228,29 +292,35 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def config_names() -> list[str]:
-    """Names of the configs that ship with tokenmorph."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+def _config_dir(kind: str) -> Path:
+    return CONFIG_DIR if kind == "pretrain" else CONFIG_DIR / kind
 
 
-def load_config(name_or_path: str, overrides: Optional[dict] = None) -> PretrainConfig:
+def config_names(kind: str = "pretrain") -> list[str]:
+    """Names of the configs of ``kind`` ("pretrain" or "finetune") that ship with tokenmorph."""
+    return sorted(p.stem for p in _config_dir(kind).glob("*.yaml"))
+
+
+def load_config(name_or_path: str, overrides: Optional[dict] = None, kind: str = "pretrain"):
     """A shipped config by name, or a YAML file by path; then ``overrides``; then validation.
 
-    A config file may name a ``base:`` config whose values it extends.
+    ``kind`` is "pretrain" (:class:`PretrainConfig`) or "finetune" (:class:`FinetuneConfig`). A config
+    file may name a ``base:`` config whose values it extends.
     """
-    cfg = PretrainConfig()
-    _load_into(cfg, name_or_path, seen=set())
+    cfg = CONFIG_CLASSES[kind]()
+    _load_into(cfg, name_or_path, kind, seen=set())
     if overrides:
         apply(cfg, overrides, "command-line overrides")
     return cfg.validate()
 
 
-def _load_into(cfg: PretrainConfig, name_or_path: str, seen: set) -> None:
+def _load_into(cfg: EngineConfig, name_or_path: str, kind: str, seen: set) -> None:
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") and path.exists()):
-        shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+        shipped = _config_dir(kind) / f"{name_or_path}.yaml"
         if not shipped.exists():
-            raise ConfigError(f"no config named {name_or_path!r}: give a YAML file path or one of {', '.join(config_names())}")
+            raise ConfigError(f"no {kind} config named {name_or_path!r}: give a YAML file path or one of "
+                              f"{', '.join(config_names(kind))}")
         path = shipped
     if path.resolve() in seen:
         raise ConfigError(f"config {path} includes itself through 'base:'")
@@ -263,6 +333,6 @@ def _load_into(cfg: PretrainConfig, name_or_path: str, seen: set) -> None:
         raise ConfigError(f"{path} must hold a mapping of key: value")
     base = data.pop("base", None)
     if base:
-        _load_into(cfg, base, seen)
+        _load_into(cfg, base, kind, seen)
     cfg.name = path.stem
     apply(cfg, data, str(path))

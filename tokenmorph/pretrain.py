@@ -29,6 +29,8 @@ def build_student_and_teacher(cfg: PretrainConfig, device: torch.device, mean=No
 
     if mean is None or std is None:
         mean, std = dataset_stats(cfg.data)
+    # random inits (the student, a random teacher) are part of a run's identity: rebuilt identically on resume
+    seed_all(mix_seed(cfg.seed, 0xB11D))
     amp_dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16
     kwargs = dict(cfg.teacher_kwargs)
     # pixel targets use the student's patch; a timm teacher keeps its own unless teacher_kwargs sets one
@@ -55,7 +57,6 @@ def pretrain(cfg: PretrainConfig, dist_info: Optional[DistInfo] = None) -> dict:
     dataset = build_dataset(cfg.data, train=True, on_error=cfg.on_bad_image,
                             transform=pretrain_transform(cfg.img_size, (cfg.crop_scale_min, 1.0), cfg.color_jitter, cfg.hflip))
     mean, std = dataset_stats(cfg.data)
-    seed_all(mix_seed(cfg.seed, 0xB11D))  # random inits (student, a random teacher) are part of the run's identity
     student, teacher = build_student_and_teacher(cfg, dist_info.device, mean, std)
     objective = DTMObjective(teacher, student.grid, cfg)
     keyed = KeyedDataset(dataset, cfg.seed, extra_fn=objective.mask_fn)

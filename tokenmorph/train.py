@@ -438,7 +438,7 @@ class Engine:
                                    self.dist.world_size, cfg.seed, self.step, self.total_steps)
         return DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_keyed,
                           pin_memory=self.dist.device.type == "cuda", persistent_workers=False,
-                          prefetch_factor=4 if cfg.num_workers > 0 else None)
+                          prefetch_factor=4 if cfg.num_workers > 0 else None, worker_init_fn=_worker_ignore_signals)
 
     def train(self) -> dict:
         """Train from the current step to ``total_steps``; returns the summary dict."""
@@ -562,6 +562,13 @@ class Engine:
                    "img_per_s": (self.step - start_step) * self.cfg.batch_size / max(elapsed, 1e-9),
                    "checkpoint": str(final) if final else None, "world_size": self.dist.world_size}
         return summary
+
+
+def _worker_ignore_signals(_worker_id: int) -> None:
+    """Preemption signals reach the whole process group; the main process saves a checkpoint and then
+    stops the workers itself. A worker dying first would make the DataLoader raise before the save."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _finite(record: dict) -> dict:

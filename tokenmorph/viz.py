@@ -11,7 +11,27 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["group_colors", "draw_groups", "save_morph_figure", "read_metrics", "plot_runs"]
+__all__ = ["group_colors", "draw_groups", "save_morph_figure", "morph_gallery", "read_metrics", "smooth_ema",
+           "plot_runs", "plot_consistency"]
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed); imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: str | Path, dpi: int) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=dpi)
+    _pyplot().close(fig)
+    return out
 
 
 def group_colors(num_groups: int, seed: int = 0) -> np.ndarray:
@@ -75,11 +95,7 @@ def save_morph_figure(
     suptitle: str = "",
 ) -> Path:
     """A grid figure: one row per image, one column per schedule; ``labels[i][j]`` is (N,)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows, cols = len(images), len(titles)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows + (0.5 if suptitle else 0)), squeeze=False)
     for i in range(rows):
@@ -94,12 +110,89 @@ def save_morph_figure(
                 ax.set_ylabel(row_names[i], fontsize=9)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=110)
+
+
+def morph_gallery(
+    images: torch.Tensor,
+    teacher,
+    schedules: Sequence[Sequence[int]],
+    out: str | Path,
+    *,
+    patch_size: int = 16,
+    mode: str = "reference",
+    row_names: Sequence[str] | None = None,
+    seed: int = 0,
+    suptitle: str = "",
+) -> Path:
+    """Morph the tokens of ``images`` with every schedule and draw the groups (one row per image, one
+    column per schedule, titled with the group count).
+
+    Args:
+        images: (B, 3, H, W) in [0, 1]; H and W multiples of ``patch_size``.
+        teacher: callable ``(images, grid) -> (B, grid[0] * grid[1], D)`` token features, e.g. a
+            :class:`tokenmorph.teachers.Teacher` or :func:`tokenmorph.analysis.build_feature_teacher`'s
+            result; the grouping is computed from these tokens, as DTM computes it from its targets.
+        schedules: one morphing schedule per column (``[0]`` is token-wise).
+        mode: ``"reference"`` or ``"paper"`` (random split, seeded by ``seed``).
+        row_names: one label per image (default: none).
+    """
+    from .morph import bipartite_morph, effective_schedule
+
+    B, _, H, W = images.shape
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {patch_size}")
+    grid = (H // patch_size, W // patch_size)
+    N = grid[0] * grid[1]
+    tokens = teacher(images, grid)
+    gen = torch.Generator().manual_seed(seed)
+    labels, titles = [], []
+    for s in schedules:
+        m = bipartite_morph(tokens, s, mode=mode, generator=gen)
+        labels.append(m.labels.cpu())
+        rounds = sum(1 for r in effective_schedule(N, s, mode == "reference") if r)
+        titles.append(f"{N} groups (token-wise)" if m.num_groups == N else f"{m.num_groups} groups ({rounds} it.)")
+    per_image = [[lab[i] for lab in labels] for i in range(B)]
+    return save_morph_figure(list(images.cpu()), per_image, titles, list(row_names or [""] * B), grid, out,
+                             suptitle=suptitle)
+
+
+def plot_consistency(result: dict, out: str | Path) -> Path:
+    """The result of :func:`tokenmorph.analysis.consistency_analysis` against the number of groups:
+    left, adjacent-token cosine (all pairs, cross-group pairs) and the same-group fraction; right (with
+    labels), per-token accuracy, neighbour agreement and agree-and-right of the linear classifier."""
+    plt = _pyplot()
+    rows = sorted(result["rows"], key=lambda r: r["num_groups"])
+    groups = [r["num_groups"] for r in rows]
+    probe = result.get("probe") is not None
+    fig, axes = plt.subplots(1, 2 if probe else 1, figsize=(5.2 * (2 if probe else 1), 3.6), squeeze=False)
+    panels = [(axes[0][0], "spatial consistency of targets", [
+        ("adjacent cosine", [r["adjacent_cosine"] for r in rows]),
+        ("cross-group cosine", [r["cross_group_cosine"] for r in rows]),
+        ("same-group pairs", [r["same_group_fraction"] for r in rows])])]
+    if probe:
+        panels.append((axes[0][1], "per-token linear classification (held out)", [
+            (label, [r["probe"][key] for r in rows]) for label, key in (
+                ("token accuracy", "token_accuracy"), ("neighbour agreement", "neighbour_agreement"),
+                ("agree and right", "agree_and_right"))]))
+    if probe:
+        axes[0][1].axhline(result["probe"]["chance"], color="grey", ls="--", lw=1, label="chance")
+    for ax, title, series in panels:
+        for label, values in series:
+            pts = [(g, v) for g, v in zip(groups, values) if v is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", lw=1.4, label=label)
+        ax.set_xscale("log")
+        ax.set_xticks(groups, [str(g) for g in groups], minor=False)
+        ax.set_xticks([], minor=True)
+        ax.invert_xaxis()  # left to right: token-wise, then more and more merging
+        ax.set_xlabel(f"groups (of {result['num_tokens']} tokens)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result.get('teacher', 'teacher')} tokens on {result.get('data', 'data')}, "
+                 f"{result['images']['analysed']} images", fontsize=10)
+    return _save(fig, out, dpi=110)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -118,29 +211,44 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return out
 
 
-def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, keys: Sequence[str] = ("loss", "lr", "img_per_s")) -> Path:
-    """Training curves of one or more runs overlaid, one panel per metric key, against the step."""
-    import matplotlib
+def smooth_ema(values: Sequence[float], weight: float) -> np.ndarray:
+    """TensorBoard-style smoothing: exponential moving average ``s_t = w s_{t-1} + (1 - w) x_t``,
+    debiased by ``1 - w^t`` so the curve starts at the first value; ``weight=0`` returns the values."""
+    x = np.asarray(values, dtype=np.float64)
+    if not 0 <= weight < 1:
+        raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
+    out, acc = np.empty_like(x), 0.0
+    for t, v in enumerate(x):  # a recurrence over time, not over a batch
+        acc = weight * acc + (1 - weight) * v
+        out[t] = acc / (1 - weight ** (t + 1))
+    return out
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    runs = [(Path(d).name, read_metrics(d)) for d in run_dirs]
+def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, keys: Sequence[str] = ("loss", "lr", "img_per_s"),
+              *, smooth: float = 0.0, labels: Sequence[str] | None = None) -> Path:
+    """Training curves of one or more runs overlaid, one panel per metric key, against the step.
+
+    ``smooth``: EMA weight in [0, 1) (see :func:`smooth_ema`); the raw curve stays, faint, behind the
+    smoothed one. ``labels``: legend names (default: the run folders' names)."""
+    plt = _pyplot()
+    names = list(labels) if labels is not None else [Path(d).name for d in run_dirs]
+    runs = [(name, read_metrics(d)) for name, d in zip(names, run_dirs)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for name, records in runs:
             pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), label=name, lw=1.4)
+            if not pts:
+                continue
+            steps, values = zip(*pts)
+            if smooth:
+                line, = ax.plot(steps, values, lw=0.8, alpha=0.3)
+                ax.plot(steps, smooth_ema(values, smooth), label=name, lw=1.4, color=line.get_color())
+            else:
+                ax.plot(steps, values, label=name, lw=1.4)
         ax.set_xlabel("step")
         ax.set_title(key)
         ax.grid(alpha=0.3)
         if key == "loss":
             ax.set_yscale("log")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=100)

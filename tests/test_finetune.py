@@ -1,0 +1,97 @@
+"""Fine-tuning end to end on an ImageFolder tree of real photos, from a smoke pre-training checkpoint."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tokenmorph.backbone import student_from_checkpoint
+from tokenmorph.config import load_config, parse_overrides
+from tokenmorph.finetune import build_model, posterize, shared_to_per_block
+from tokenmorph.train import latest_checkpoint, load_checkpoint
+
+from .test_cli import run_cli
+from .test_pretrain import final_weights, photo_dir, read_metrics  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def class_tree(tmp_path_factory):
+    """train/ and val/ ImageFolder trees, 3 classes = 3 different photos, random crops of each."""
+    import skimage.data
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tree")
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 8), ("val", 4)):
+        for cls in ("astronaut", "coffee", "rocket"):
+            (root / split / cls).mkdir(parents=True)
+            img = getattr(skimage.data, cls)()
+            for k in range(count):
+                s = int(rng.integers(96, min(img.shape[:2])))
+                y, x = int(rng.integers(0, img.shape[0] - s)), int(rng.integers(0, img.shape[1] - s))
+                Image.fromarray(img[y : y + s, x : x + s]).save(root / split / cls / f"{k}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrained(photo_dir, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("pre") / "run"
+    run_cli("pretrain", "--config", "smoke", "--data", str(photo_dir), "--output-dir", str(out), "--max-steps", "2")
+    return out
+
+
+def finetune(pretrained, class_tree, out, *extra, check=True):
+    return run_cli("finetune", "--config", "fashion-mnist-tiny", "--checkpoint", str(pretrained), "--data",
+                   str(class_tree / "train"), "--val-data", str(class_tree / "val"), "--output-dir", str(out),
+                   "batch_size=8", "num_workers=0", "log_every=1", "warmup_steps=1", *extra, check=check)
+
+
+def test_finetune_end_to_end_and_exact_resume(pretrained, class_tree, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    proc = finetune(pretrained, class_tree, a, "--max-steps", "4")
+    assert "new keys ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']" in proc.stdout
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 4 and summary["classes"] == 3 and summary["val_images"] == 12
+    assert 0.0 <= summary["val_top1"] <= summary["val_top5"] <= 1.0
+    ckpt = load_checkpoint(latest_checkpoint(a))
+    assert ckpt["kind"] == "finetune" and ckpt["timm_kwargs"]["num_classes"] == 3
+    finetune(pretrained, class_tree, b, "--max-steps", "4", "stop_after=2")
+    finetune(pretrained, class_tree, b, "--max-steps", "4")
+    assert [r["loss"] for r in read_metrics(a)] == [r["loss"] for r in read_metrics(b)]
+    wa, wb = final_weights(a)["model"], final_weights(b)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_finetune_model_starts_as_the_pretrained_encoder(pretrained):
+    """Per-block bias tables copied from the shared one: same features as the pre-trained encoder."""
+    student = student_from_checkpoint(load_checkpoint(latest_checkpoint(pretrained))).eval()
+    cfg = load_config("fashion-mnist-tiny", parse_overrides(["global_pool=token", "drop_path=0"]), kind="finetune")
+    model, kwargs, report = build_model(cfg, 3, student, "x")
+    assert kwargs["use_rel_pos_bias"] and not kwargs["use_shared_rel_pos_bias"]
+    assert report["new"] == ["head.bias", "head.weight"] and report["dropped"] == []
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.eval().forward_features(x), student.encoder.forward_features(x))
+    per_block = shared_to_per_block(student.encoder.state_dict(), 2)
+    assert "rel_pos_bias.relative_position_bias_table" not in per_block
+    assert torch.equal(per_block["blocks.1.attn.relative_position_bias_table"],
+                       student.encoder.rel_pos_bias.relative_position_bias_table)
+
+
+def test_finetune_errors_are_one_line(pretrained, class_tree, photo_dir, tmp_path):  # noqa: F811
+    proc = run_cli("finetune", "--config", "fashion-mnist-tiny", "--checkpoint", str(tmp_path / "none"),
+                   "--data", str(class_tree / "train"), "--val-data", str(class_tree / "val"), check=False)
+    assert proc.returncode == 2 and "no checkpoint found" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("finetune", "--config", "fashion-mnist-tiny", "--checkpoint", str(pretrained), "--data",
+                   str(photo_dir), "--val-data", str(class_tree / "val"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    proc = run_cli("finetune", "--config", "fashion-mnist-tiny", "batch_size=7", check=False)
+    assert proc.returncode == 2 and "even micro-batch" in proc.stderr
+
+
+def test_posterize_zero_bits_is_black():
+    from PIL import Image
+
+    img = Image.new("RGB", (4, 4), (200, 100, 50))
+    assert np.asarray(posterize(img, 0)).max() == 0
+    assert np.asarray(posterize(img, 8)).tolist() == np.asarray(img).tolist()
+    assert np.asarray(posterize(img, 1))[0, 0].tolist() == [128, 0, 0]
