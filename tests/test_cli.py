@@ -1,16 +1,9 @@
 """The command line, end to end in a subprocess (as a user runs it)."""
 import json
-import subprocess
-import sys
 
 import pytest
 
-
-def run_cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "tokenmorph", *args], capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"tokenmorph {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+from .helpers import run_cli
 
 
 def test_help_lists_commands():

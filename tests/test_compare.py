@@ -1,12 +1,10 @@
 """`tokenmorph compare`: two objectives trained and evaluated the same way, side by side."""
 import json
 
-from .test_cli import run_cli
-from .test_finetune import class_tree  # noqa: F401  (fixture)
-from .test_pretrain import photo_dir  # noqa: F401  (fixture)
+from .helpers import run_cli
 
 
-def test_compare_dtm_vs_tokenwise(photo_dir, class_tree, tmp_path):  # noqa: F811
+def test_compare_dtm_vs_tokenwise(photo_dir, class_tree, tmp_path):
     tokenwise = tmp_path / "smoke-tokenwise.yaml"
     tokenwise.write_text("base: smoke\nscheduler: none\n")
     out = tmp_path / "cmp"

@@ -3,19 +3,19 @@ import argparse
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
+from tokenmorph.backbone import load_backbone
 from tokenmorph.cli import main
 from tokenmorph.data import DataError, find_fashion_mnist
-from tokenmorph.eval.features import build_eval_datasets
+from tokenmorph.eval.features import build_eval_datasets, extract_features
 from tokenmorph.eval.knn import knn_classify
 from tokenmorph.eval.linear import linear_probe
 
-from .test_cli import run_cli
+from .helpers import run_cli
 
-CLASSES = ("astronaut", "chelsea", "coffee")
+CLASSES = ("astronaut", "coffee", "rocket")  # the class_tree fixture's (conftest.py)
 
 
 def _has_fashion_mnist() -> bool:
@@ -118,54 +118,46 @@ def test_linear_probe_batched_lrs_equal_separate_runs(batchnorm):
 
 # -------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
-def photo_tree(tmp_path_factory):
-    """train/ and val/ ImageFolder trees of real photo crops: 3 classes, 4 train + 2 val images each."""
-    import skimage.data
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("tree")
-    rng = np.random.default_rng(0)
-    for name in CLASSES:
-        img = getattr(skimage.data, name)()
-        h, w = img.shape[:2]
-        for i in range(6):
-            s = int(rng.integers(96, min(h, w)))
-            y, x = int(rng.integers(0, h - s)), int(rng.integers(0, w - s))
-            folder = root / ("train" if i < 4 else "val") / name
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img[y:y + s, x:x + s]).save(folder / f"{name}_{i}.jpg")
-    return root
-
-
-@pytest.fixture(scope="module")
-def smoke_run(photo_tree, tmp_path_factory):
-    """A run folder with a checkpoint of 2 smoke pre-training steps on the train tree."""
+def smoke_run(class_tree, tmp_path_factory):
+    """A run folder with a checkpoint of 2 smoke pre-training steps on class_tree's train images."""
     out = tmp_path_factory.mktemp("run")
-    run_cli("pretrain", "--config", "smoke", "--data", str(photo_tree / "train"), "--output-dir", str(out),
+    run_cli("pretrain", "--config", "smoke", "--data", str(class_tree / "train"), "--output-dir", str(out),
             "--max-steps", "2")
     return out
+
+
+def test_extract_features_in_order_skipping_bad_items(smoke_run):
+    backbone = load_backbone(str(smoke_run))
+    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    dataset = [(images[0], 2), None, (images[1], 0), (images[2], 1), None, (images[3], 1), (images[4], 0)]
+    feats, labels, skipped = extract_features(backbone, dataset, batch_size=2, pool="mean", progress=False)
+    assert skipped == 2 and labels.tolist() == [2, 0, 1, 1, 0]
+    with torch.inference_mode():
+        expected = backbone.features(images, "mean")
+    assert feats.dtype == torch.float32 and feats.shape == (5, backbone.embed_dim)
+    torch.testing.assert_close(feats, expected, rtol=1e-4, atol=1e-5)  # batches of 2 vs one batch of 5
 
 
 def last_json(proc):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_knn_cli_on_photo_tree(photo_tree, smoke_run, tmp_path):
+def test_knn_cli_on_class_tree(class_tree, smoke_run, tmp_path):
     out = tmp_path / "knn.json"
-    proc = run_cli("eval", "knn", "--checkpoint", str(smoke_run), "--train", str(photo_tree / "train"),
-                   "--val", str(photo_tree / "val"), "--num-workers", "0", "--out", str(out))
+    proc = run_cli("eval", "knn", "--checkpoint", str(smoke_run), "--train", str(class_tree / "train"),
+                   "--val", str(class_tree / "val"), "--num-workers", "0", "--out", str(out))
     result = last_json(proc)
     assert 0 <= result["top1"] <= 1 and 0 <= result["top5"] <= 1
-    assert result["num_train"] == 12 and result["num_val"] == 6 and result["num_classes"] == 3
-    assert result["k"] == 12 and set(result["per_k"]) == {"10", "12"}  # k capped at the 12 train images
+    assert result["num_train"] == 24 and result["num_val"] == 12 and result["num_classes"] == 3
+    assert result["k"] == 20 and set(result["per_k"]) == {"10", "20", "24"}  # 100, 200: capped at 24 images
     assert result["feature_dim"] == 192 and result["pool"] == "cls" and result["skipped_images"] == 0
     assert json.loads(out.read_text()) == result
     assert "top1" in proc.stdout.splitlines()[1]  # the human table comes first
 
 
-def test_linear_cli_on_photo_tree(photo_tree, smoke_run):
-    proc = run_cli("eval", "linear", "--checkpoint", str(smoke_run), "--train", str(photo_tree / "train"),
-                   "--val", str(photo_tree / "val"), "--num-workers", "0", "--pool", "mean", "--batchnorm",
+def test_linear_cli_on_class_tree(class_tree, smoke_run):
+    proc = run_cli("eval", "linear", "--checkpoint", str(smoke_run), "--train", str(class_tree / "train"),
+                   "--val", str(class_tree / "val"), "--num-workers", "2", "--pool", "mean", "--batchnorm",
                    "--lrs", "0.01,0.1,1", "--epochs", "5")
     result = last_json(proc)
     assert 0 <= result["top1"] <= 1 and result["pool"] == "mean" and result["batchnorm"]
@@ -203,32 +195,32 @@ def eval_error(capsys, *argv):
     return status, capsys.readouterr().err.strip()
 
 
-def test_flat_folder_is_refused(photo_tree, smoke_run, tmp_path, capsys):
+def test_flat_folder_is_refused(class_tree, smoke_run, tmp_path, capsys):
     flat = tmp_path / "flat"
     flat.mkdir()
-    for f in (photo_tree / "train" / "chelsea").iterdir():
+    for f in (class_tree / "train" / CLASSES[1]).iterdir():
         (flat / f.name).write_bytes(f.read_bytes())
     status, err = eval_error(capsys, "eval", "knn", "--checkpoint", str(smoke_run), "--train", str(flat),
-                             "--val", str(photo_tree / "val"), "--no-progress")
+                             "--val", str(class_tree / "val"), "--no-progress")
     assert status == 2 and len(err.splitlines()) == 1
     assert "has no labels" in err and "CLASS/IMAGE" in err
 
 
-def test_class_mismatch_is_refused(photo_tree, smoke_run, tmp_path, capsys):
+def test_class_mismatch_is_refused(class_tree, smoke_run, tmp_path, capsys):
     val = tmp_path / "val"
     for name in CLASSES[:2] + ("dog",):
         (val / name).mkdir(parents=True)
-        src = next((photo_tree / "val" / CLASSES[0]).iterdir())
+        src = next((class_tree / "val" / CLASSES[0]).iterdir())
         (val / name / src.name).write_bytes(src.read_bytes())
     status, err = eval_error(capsys, "eval", "linear", "--checkpoint", str(smoke_run), "--train",
-                             str(photo_tree / "train"), "--val", str(val), "--no-progress")
+                             str(class_tree / "train"), "--val", str(val), "--no-progress")
     assert status == 2 and len(err.splitlines()) == 1
-    assert "class folders differ" in err and "coffee" in err and "dog" in err
+    assert "class folders differ" in err and CLASSES[2] in err and "dog" in err
 
 
-def test_missing_checkpoint_is_refused(photo_tree, tmp_path, capsys):
+def test_missing_checkpoint_is_refused(class_tree, tmp_path, capsys):
     status, err = eval_error(capsys, "eval", "knn", "--checkpoint", str(tmp_path / "nothing"), "--train",
-                             str(photo_tree / "train"), "--val", str(photo_tree / "val"))
+                             str(class_tree / "train"), "--val", str(class_tree / "val"))
     assert status == 2 and len(err.splitlines()) == 1 and "no checkpoint found" in err
 
 

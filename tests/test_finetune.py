@@ -10,31 +10,11 @@ from tokenmorph.config import load_config, parse_overrides
 from tokenmorph.finetune import build_model, posterize, shared_to_per_block
 from tokenmorph.train import latest_checkpoint, load_checkpoint
 
-from .test_cli import run_cli
-from .test_pretrain import final_weights, photo_dir, read_metrics  # noqa: F401  (fixture)
+from .helpers import final_weights, read_metrics, run_cli
 
 
 @pytest.fixture(scope="module")
-def class_tree(tmp_path_factory):
-    """train/ and val/ ImageFolder trees, 3 classes = 3 different photos, random crops of each."""
-    import skimage.data
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("tree")
-    rng = np.random.default_rng(1)
-    for split, count in (("train", 8), ("val", 4)):
-        for cls in ("astronaut", "coffee", "rocket"):
-            (root / split / cls).mkdir(parents=True)
-            img = getattr(skimage.data, cls)()
-            for k in range(count):
-                s = int(rng.integers(96, min(img.shape[:2])))
-                y, x = int(rng.integers(0, img.shape[0] - s)), int(rng.integers(0, img.shape[1] - s))
-                Image.fromarray(img[y : y + s, x : x + s]).save(root / split / cls / f"{k}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def pretrained(photo_dir, tmp_path_factory):  # noqa: F811
+def pretrained(photo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("pre") / "run"
     run_cli("pretrain", "--config", "smoke", "--data", str(photo_dir), "--output-dir", str(out), "--max-steps", "2")
     return out
@@ -77,7 +57,7 @@ def test_finetune_model_starts_as_the_pretrained_encoder(pretrained):
                        student.encoder.rel_pos_bias.relative_position_bias_table)
 
 
-def test_finetune_errors_are_one_line(pretrained, class_tree, photo_dir, tmp_path):  # noqa: F811
+def test_finetune_errors_are_one_line(pretrained, class_tree, photo_dir, tmp_path):
     proc = run_cli("finetune", "--config", "fashion-mnist-tiny", "--checkpoint", str(tmp_path / "none"),
                    "--data", str(class_tree / "train"), "--val-data", str(class_tree / "val"), check=False)
     assert proc.returncode == 2 and "no checkpoint found" in proc.stderr and "Traceback" not in proc.stderr

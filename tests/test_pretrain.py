@@ -4,51 +4,17 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from tokenmorph.models import create_student, timm_beit_kwargs
 
-from .test_cli import run_cli
-
-
-@pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory):
-    """A flat folder (plus one nested sub-folder) of 40 real photo crops from scikit-image."""
-    import skimage.data
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("photos")
-    (root / "nested").mkdir()
-    rng = np.random.default_rng(0)
-    k = 0
-    for name in ("astronaut", "chelsea", "coffee", "rocket"):
-        img = getattr(skimage.data, name)()
-        for _ in range(10):
-            h, w = img.shape[:2]
-            s = int(rng.integers(64, min(h, w)))
-            y, x = int(rng.integers(0, h - s)), int(rng.integers(0, w - s))
-            folder = root / "nested" if k % 7 == 0 else root
-            ext = ".jpg" if k % 2 else ".png"
-            Image.fromarray(img[y : y + s, x : x + s]).save(folder / f"img_{k:03d}{ext}")
-            k += 1
-    return root
+from .helpers import final_weights, read_metrics, run_cli
 
 
 def smoke(photo_dir, out, *extra, check=True):
     return run_cli("pretrain", "--config", "smoke", "--data", str(photo_dir), "--output-dir", str(out), *extra, check=check)
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def final_weights(run_dir):
-    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"))
-    return torch.load(ckpts[-1], map_location="cpu", weights_only=False)
 
 
 def test_smoke_run_writes_everything(photo_dir, tmp_path):

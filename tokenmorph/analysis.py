@@ -47,8 +47,6 @@ class RawPixelFeatures:
     (B, grid[0] * grid[1], p * p * 3). Centred so that cosine similarity compares colours, not brightness
     only (every [0, 1] pixel vector lies in one orthant)."""
 
-    name = RAW_PIXELS
-
     def __init__(self, patch_size: int):
         self.patch_size = patch_size
 

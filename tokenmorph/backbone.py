@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Backbone", "load_backbone", "student_from_checkpoint", "encoder_kwargs_from_checkpoint"]
+__all__ = ["Backbone", "load_backbone", "load_pretrain_checkpoint", "student_from_checkpoint",
+           "encoder_kwargs_from_checkpoint"]
 
 POOLS = ("cls", "mean")
 
@@ -58,6 +59,24 @@ class Backbone:
         return t[:, self.num_prefix_tokens:].mean(dim=1)
 
 
+def load_pretrain_checkpoint(spec, purpose: str) -> tuple[dict, Path]:
+    """(checkpoint, path) of a pre-training checkpoint file or run folder (its newest checkpoint); one-line
+    errors for a missing path, another kind of checkpoint, or one without the student's architecture."""
+    from .train import TrainingError, latest_checkpoint, load_checkpoint
+
+    path = latest_checkpoint(Path(spec))
+    if path is None:
+        raise TrainingError(f"no checkpoint found at {spec}: give a checkpoint file or a run folder with checkpoints/")
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != "pretrain":
+        raise TrainingError(f"{path} is a {ckpt.get('kind')!r} checkpoint; {purpose} needs a pre-training checkpoint "
+                            f"(tokenmorph pretrain)")
+    if "student_arch" not in ckpt:
+        raise TrainingError(f"{path} has no student architecture record (student_arch); it was not written by "
+                            f"tokenmorph pretrain")
+    return ckpt, path
+
+
 def encoder_kwargs_from_checkpoint(ckpt: dict) -> dict:
     """timm ``Beit`` keyword arguments that rebuild a checkpoint's student encoder exactly."""
     from .models import create_student, timm_beit_kwargs
@@ -95,7 +114,7 @@ def load_backbone(spec: str, device="cpu", random_init: bool = False, img_size: 
         random_init: for ``timm:NAME``, random weights instead of the hub's pretrained ones.
         img_size: for ``timm:NAME``, the input side (default: the model's pretrained config).
     """
-    from .train import TrainingError, latest_checkpoint, load_checkpoint
+    from .train import TrainingError
 
     if spec.startswith("timm:"):
         import timm
@@ -111,14 +130,7 @@ def load_backbone(spec: str, device="cpu", random_init: bool = False, img_size: 
         side = img_size or cfg.get("input_size", (3, 224, 224))[-1]
         return Backbone(spec, model.eval().requires_grad_(False).to(device), side, cfg.get("mean", (0.485, 0.456, 0.406)),
                         cfg.get("std", (0.229, 0.224, 0.225)), getattr(model, "num_prefix_tokens", 0), model.num_features)
-    path = latest_checkpoint(Path(spec))
-    if path is None:
-        raise TrainingError(f"no checkpoint found at {spec}: give a checkpoint file, a run folder with "
-                            f"checkpoints/, or timm:NAME")
-    ckpt = load_checkpoint(path)
-    if ckpt.get("kind") != "pretrain":
-        raise TrainingError(f"{path} is a {ckpt.get('kind')!r} checkpoint; evaluation of a backbone needs a "
-                            f"pretrain checkpoint")
+    ckpt, path = load_pretrain_checkpoint(spec, "evaluation of a backbone")
     student = student_from_checkpoint(ckpt)
     encoder = student.encoder.eval().requires_grad_(False).to(device)
     return Backbone(str(path), encoder, student.arch["img_size"], tuple(student.mean.flatten().tolist()),

@@ -108,27 +108,10 @@ def cmd_viz_morph(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------- pretrain
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .config import config_names, describe_keys, load_config, parse_overrides
+    from .config import config_from_args
 
-    if args.list_configs:
-        print("\n".join(config_names()))
-        return 0
-    if args.list_keys:
-        print(describe_keys("pretrain"))
-        return 0
-    if not args.config:
-        raise CLIError(f"--config is required: a YAML file or one of {', '.join(config_names())}")
-    overrides = parse_overrides(args.overrides)
-    for flag, key in (("data", "data"), ("output_dir", "output_dir"), ("max_steps", "max_steps"),
-                      ("save_every", "save_every"), ("device", "device")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides[key] = str(value)
-    cfg = load_config(args.config, overrides)
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    cfg = config_from_args(args, "pretrain", ("data", "output_dir", "max_steps", "save_every", "device"))
+    if cfg is None:
         return 0
     from .pretrain import pretrain
     from .train import shutdown_distributed

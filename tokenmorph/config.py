@@ -12,12 +12,12 @@ import json
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import yaml
 
 __all__ = ["ConfigError", "EngineConfig", "PretrainConfig", "FinetuneConfig", "load_config", "config_names",
-           "CONFIG_DIR", "parse_overrides", "describe_keys"]
+           "CONFIG_DIR", "parse_overrides", "describe_keys", "config_from_args"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -336,3 +336,26 @@ def _load_into(cfg: EngineConfig, name_or_path: str, kind: str, seen: set) -> No
         _load_into(cfg, base, kind, seen)
     cfg.name = path.stem
     apply(cfg, data, str(path))
+
+
+def config_from_args(args, kind: str, flags: Sequence[str]) -> Optional[EngineConfig]:
+    """The validated config of a ``tokenmorph pretrain|finetune`` invocation: ``--config`` plus KEY=VALUE
+    overrides plus the given ``flags`` (argparse dests named like config keys). ``--list-configs``,
+    ``--list-keys`` and ``--print-config`` print and return None."""
+    if args.list_configs:
+        print("\n".join(config_names(kind)))
+        return None
+    if args.list_keys:
+        print(describe_keys(kind))
+        return None
+    if not args.config:
+        raise ConfigError(f"--config is required: a YAML file or one of {', '.join(config_names(kind))}")
+    overrides = parse_overrides(args.overrides)
+    for key in flags:
+        if getattr(args, key) is not None:
+            overrides[key] = str(getattr(args, key))
+    cfg = load_config(args.config, overrides, kind=kind)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return None
+    return cfg

@@ -132,22 +132,13 @@ def export_encoder(ckpt_or_run_dir: Union[str, Path], out_path: Union[str, Path]
 
     from . import __version__
     from .data import DATASET_STATS
-    from .train import TrainingError, latest_checkpoint, load_checkpoint
+    from .backbone import load_pretrain_checkpoint
+    from .train import TrainingError
 
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":
         raise TrainingError(f"{out_path}: the output must end in .safetensors (timm chooses its loader by the suffix)")
-    path = latest_checkpoint(Path(ckpt_or_run_dir))
-    if path is None:
-        raise TrainingError(f"no checkpoint found at {ckpt_or_run_dir}: give a checkpoint file or a run folder "
-                            f"with checkpoints/")
-    ckpt = load_checkpoint(path)
-    if ckpt.get("kind") != "pretrain":
-        raise TrainingError(f"{path} is a {ckpt.get('kind')!r} checkpoint; export needs a pre-training checkpoint "
-                            f"(tokenmorph pretrain)")
-    if "student_arch" not in ckpt:
-        raise TrainingError(f"{path} has no student architecture record (student_arch); it was not written by "
-                            f"tokenmorph pretrain")
+    ckpt, path = load_pretrain_checkpoint(ckpt_or_run_dir, "export")
 
     # The encoder's weights are the checkpoint's "encoder." entries: no student is built (for a large one
     # that saves seconds and a copy of the weights); _check_loadable verifies them against timm's Beit.

@@ -9,7 +9,6 @@ Mixup / CutMix with label smoothing (``timm.data.Mixup``), drop path; the same e
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 DESCRIPTION = """Fine-tune a tokenmorph pre-trained encoder (or train from scratch) for classification.
 
@@ -41,29 +40,12 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .config import config_names, describe_keys, load_config, parse_overrides
+    from .config import config_from_args
     from .train import shutdown_distributed
 
-    if args.list_configs:
-        print("\n".join(config_names("finetune")))
-        return 0
-    if args.list_keys:
-        print(describe_keys("finetune"))
-        return 0
-    if not args.config:
-        from .config import ConfigError
-
-        raise ConfigError(f"--config is required: a YAML file or one of {', '.join(config_names('finetune'))}")
-    overrides = parse_overrides(args.overrides)
-    for flag, key in (("checkpoint", "checkpoint"), ("data", "data"), ("val_data", "val_data"), ("output_dir", "output_dir"),
-                      ("max_steps", "max_steps"), ("save_every", "save_every"), ("device", "device")):
-        if getattr(args, flag) is not None:
-            overrides[key] = str(getattr(args, flag))
-    cfg = load_config(args.config, overrides, kind="finetune")
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    cfg = config_from_args(args, "finetune", ("checkpoint", "data", "val_data", "output_dir", "max_steps", "save_every",
+                                              "device"))
+    if cfg is None:
         return 0
     try:
         summary = finetune(cfg)
@@ -90,15 +72,9 @@ def shared_to_per_block(state: dict, depth: int) -> dict:
 
 def load_pretrained_student(spec: str):
     """(student, checkpoint path) of a pre-training checkpoint file or run folder."""
-    from .backbone import student_from_checkpoint
-    from .train import TrainingError, latest_checkpoint, load_checkpoint
+    from .backbone import load_pretrain_checkpoint, student_from_checkpoint
 
-    path = latest_checkpoint(Path(spec))
-    if path is None:
-        raise TrainingError(f"no checkpoint found at {spec}: give a checkpoint file or a run folder")
-    ckpt = load_checkpoint(path)
-    if ckpt.get("kind") != "pretrain":
-        raise TrainingError(f"{path} is a {ckpt.get('kind')!r} checkpoint; fine-tuning starts from a pretrain one")
+    ckpt, path = load_pretrain_checkpoint(spec, "fine-tuning")
     return student_from_checkpoint(ckpt), path
 
 
@@ -249,13 +225,14 @@ def finetune(cfg, dist_info=None):
     from timm.optim import param_groups_layer_decay
 
     from .pretrain import run_dir_for
-    from .train import Engine, KeyedDataset, init_distributed, mix_seed, seed_all
+    from .train import Engine, KeyedDataset, check_batch_layout, init_distributed, mix_seed, seed_all
 
     from .data import dataset_stats
 
     cfg.validate()
     dist_info = dist_info or init_distributed(cfg.device)
     run_dir = run_dir_for(cfg)
+    check_batch_layout(cfg.batch_size, cfg.accum_steps, dist_info.world_size)  # before any data or model is built
     seed_all(mix_seed(cfg.seed, 0xF17E))  # the new head's init is part of the run's identity
     student, source = load_pretrained_student(cfg.checkpoint) if cfg.checkpoint else (None, None)
     if student is not None:  # the backbone's own input conventions

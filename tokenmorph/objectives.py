@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 
 import numpy as np
-import torch
 
 from .losses import DTMLoss
 from .masking import BlockMasking

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from .config import PretrainConfig
-from .train import DistInfo, Engine, KeyedDataset, init_distributed, mix_seed, seed_all
+from .train import DistInfo, Engine, KeyedDataset, check_batch_layout, init_distributed, mix_seed, seed_all
 
 __all__ = ["run_dir_for", "build_student_and_teacher", "pretrain"]
 
@@ -54,6 +54,7 @@ def pretrain(cfg: PretrainConfig, dist_info: Optional[DistInfo] = None) -> dict:
     cfg.validate()
     dist_info = dist_info or init_distributed(cfg.device)
     run_dir = run_dir_for(cfg)
+    check_batch_layout(cfg.batch_size, cfg.accum_steps, dist_info.world_size)  # before any data or model is built
     dataset = build_dataset(cfg.data, train=True, on_error=cfg.on_bad_image,
                             transform=pretrain_transform(cfg.img_size, (cfg.crop_scale_min, 1.0), cfg.color_jitter, cfg.hflip))
     mean, std = dataset_stats(cfg.data)

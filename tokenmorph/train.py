@@ -36,6 +36,7 @@ __all__ = [
     "DistInfo",
     "init_distributed",
     "shutdown_distributed",
+    "check_batch_layout",
     "mix_seed",
     "KeyedDataset",
     "StepBatchSampler",
@@ -44,6 +45,7 @@ __all__ = [
     "find_checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
+    "fault",
 ]
 
 CHECKPOINT_FORMAT = "tokenmorph-checkpoint-v1"
@@ -98,6 +100,13 @@ def shutdown_distributed() -> None:
     """Leave the process group (a gloo process that exits without it can abort at interpreter exit)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_batch_layout(batch_size: int, accum_steps: int, world_size: int) -> None:
+    """The global batch must split evenly into accumulation micro-batches and rank shards."""
+    if batch_size % (accum_steps * world_size):
+        raise TrainingError(f"batch_size={batch_size} is not divisible by accum_steps x processes = "
+                            f"{accum_steps} x {world_size}; choose a multiple of {accum_steps * world_size}")
 
 
 def mix_seed(*values: int) -> int:
@@ -161,10 +170,7 @@ class StepBatchSampler(Sampler):
 
     def __init__(self, num_samples: int, global_batch: int, accum_steps: int, rank: int, world_size: int,
                  seed: int, start_step: int, total_steps: int) -> None:
-        if global_batch % (accum_steps * world_size):
-            raise TrainingError(
-                f"batch_size={global_batch} is not divisible by accum_steps x processes = {accum_steps} x {world_size}; "
-                f"choose a batch_size that is a multiple of {accum_steps * world_size}")
+        check_batch_layout(global_batch, accum_steps, world_size)
         self.steps_per_epoch = num_samples // global_batch
         if self.steps_per_epoch == 0:
             raise TrainingError(f"the data set has {num_samples} images, fewer than one global batch of {global_batch}; "
@@ -230,11 +236,26 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     return ckpt
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
+def fault(kind: str, step: int) -> bool:
+    """Fault injection for the reliability tests (docs/reliability.md): ``TOKENMORPH_FAULT=KIND@STEP``,
+    with KIND ``nan`` (the loss of that optimiser step becomes NaN) or ``kill-in-save`` (SIGKILL halfway
+    through writing that step's checkpoint). Unset in normal use."""
+    return os.environ.get("TOKENMORPH_FAULT") == f"{kind}@{step}"
+
+
+def _atomic_save(obj: dict, path: Path, step: int = -1) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves a partial
     file under the final name, and the previous checkpoint is untouched."""
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     with open(tmp, "wb") as f:
+        if fault("kill-in-save", step):
+            import io
+
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
@@ -276,10 +297,7 @@ class Engine:
         self.step_fn = step_fn
         self.dataset = dataset
         self.extra_state = extra_state or {}
-        world = dist_info.world_size
-        if cfg.batch_size % (cfg.accum_steps * world):
-            raise TrainingError(f"batch_size={cfg.batch_size} is not divisible by accum_steps x processes = "
-                                f"{cfg.accum_steps} x {world}; choose a multiple of {cfg.accum_steps * world}")
+        check_batch_layout(cfg.batch_size, cfg.accum_steps, dist_info.world_size)
         self.steps_per_epoch = len(dataset) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise TrainingError(f"the data set has {len(dataset)} images, fewer than one global batch of "
@@ -345,7 +363,7 @@ class Engine:
         ckpt_dir = self.run_dir / "checkpoints"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         path = ckpt_dir / f"step_{self.step:08d}.pt"
-        _atomic_save(self.state_dict(), path)
+        _atomic_save(self.state_dict(), path, self.step)
         for old in find_checkpoints(self.run_dir)[: -self.cfg.keep_last]:
             old.unlink(missing_ok=True)
         return path
@@ -493,17 +511,19 @@ class Engine:
                     step_images += batch["images"].shape[0]
                     for k, v in logs.items():
                         logs_acc[k] = logs_acc.get(k, 0.0) + float(v) / cfg.accum_steps
+                if fault("nan", self.step + 1):  # steps are counted from 1, as in metrics.jsonl
+                    step_loss = float("nan")
                 bad = self._all_reduce(0.0 if math.isfinite(step_loss) else 1.0, dist.ReduceOp.MAX if self.dist.distributed else None)
                 grad_norm = float("nan")
                 if bad:
                     if cfg.nan_policy == "stop":
                         where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
-                        raise TrainingError(f"non-finite loss ({step_loss}) at step {self.step}; stopped without "
+                        raise TrainingError(f"non-finite loss ({step_loss}) at step {self.step + 1}; stopped without "
                                             f"updating the weights; {where}. Rerun to resume from it, or set "
                                             f"nan_policy=skip")
                     self.skipped_steps += 1
                     self.optimizer.zero_grad(set_to_none=True)
-                    self._log(f"warning: non-finite loss at step {self.step}: step skipped ({self.skipped_steps} so far)")
+                    self._log(f"warning: non-finite loss at step {self.step + 1}: step skipped ({self.skipped_steps} so far)")
                 else:
                     self.scaler.unscale_(self.optimizer)
                     if cfg.clip_grad is not None:

@@ -1,0 +1,23 @@
+"""Helpers shared by the end-to-end tests."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def run_cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "tokenmorph", *args], capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tokenmorph {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run_dir):
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"))
+    return torch.load(ckpts[-1], map_location="cpu", weights_only=False)
