@@ -3,6 +3,7 @@ resume with another number of processes. See docs/reliability.md."""
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -129,4 +130,5 @@ def test_resume_with_another_process_count(photo_dir, tmp_path):
                            "--output-dir", str(tmp_path / "odd2"), "batch_size=7"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode != 0 and "batch_size=7 is not divisible by accum_steps x processes = 1 x 2" in proc.stderr
-    assert "Traceback (most recent call last)" not in proc.stderr.split("torch.distributed.elastic")[0]
+    # torchrun's launcher prints its own traceback for a failed child; none may come from tokenmorph's code
+    assert not re.search(r'File "[^"]*/tokenmorph/', proc.stderr)
