@@ -458,16 +458,20 @@ def markdown_table(result: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------ CLI
+def add_teacher_arguments(parser: argparse.ArgumentParser, default: Optional[str], help_text: str) -> None:
+    """The teacher flags of the commands that turn images into tokens (viz morph, analyze consistency)."""
+    parser.add_argument("--teacher", default=default, metavar="NAME", help=help_text)
+    parser.add_argument("--teacher-weights", metavar="FILE", help="teacher state-dict file")
+    parser.add_argument("--random-init", action="store_true", help="random teacher weights (tests)")
+    parser.add_argument("--teacher-input-size", type=int, metavar="N", help="side the teacher sees (default: its own)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True,
                         help="fashion-mnist[:DIR], an ImageFolder tree (labels: (a) and (b)) or a flat folder of images ((a) only)")
     parser.add_argument("--out", required=True, help="output folder for consistency.json and consistency.png")
-    parser.add_argument("--teacher", default="efficientnet-lite0",
-                        help="token source: efficientnet-lite0 (default; offline ImageNet weights), clip-vit-b16, "
-                             "pixels, timm:NAME, or raw-pixels")
-    parser.add_argument("--teacher-weights", metavar="FILE", help="teacher state-dict file")
-    parser.add_argument("--random-init", action="store_true", help="random teacher weights (tests)")
-    parser.add_argument("--teacher-input-size", type=int, metavar="N", help="side the teacher sees (default: its own)")
+    add_teacher_arguments(parser, "efficientnet-lite0", "token source: efficientnet-lite0 (default; offline ImageNet "
+                                                        "weights), clip-vit-b16, pixels, timm:NAME, or raw-pixels")
     parser.add_argument("--img-size", type=int, default=224, help="image side (default 224)")
     parser.add_argument("--patch-size", type=int, default=16, help="patch side: grid = img-size / patch-size (default 16)")
     parser.add_argument("--groups", help="target group counts, comma-separated (default N, N/2, N/4, N/12, N/24: "

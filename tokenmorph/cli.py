@@ -11,6 +11,8 @@ import sys
 from typing import Optional, Sequence
 
 from . import __version__
+from .analysis import add_teacher_arguments
+from .config import add_run_arguments
 
 
 class CLIError(Exception):
@@ -240,12 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     vm.add_argument("--features", choices=["raw-pixels", "pixels"],
                     help="pixel token features without --teacher: raw patch pixels in [-1, 1] (the default), or "
                          "per-patch normalised pixels")
-    vm.add_argument("--teacher", metavar="NAME",
-                    help="token features from a teacher: pixels, efficientnet-lite0 (offline ImageNet weights), "
-                         "clip-vit-b16, timm:NAME, or raw-pixels")
-    vm.add_argument("--teacher-weights", metavar="FILE", help="teacher state-dict file")
-    vm.add_argument("--random-init", action="store_true", help="random teacher weights (tests)")
-    vm.add_argument("--teacher-input-size", type=int, metavar="N", help="side the teacher sees (default: its own)")
+    add_teacher_arguments(vm, None, "token features from a teacher: pixels, efficientnet-lite0 (offline ImageNet "
+                                    "weights), clip-vit-b16, timm:NAME, or raw-pixels")
     vm.add_argument("--mode", choices=["reference", "paper"], default="reference")
     vm.add_argument("--size", type=int, default=224, help="image side after centre crop (default 224)")
     vm.add_argument("--patch", type=int, default=16, help="patch size (default 16)")
@@ -263,16 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
         "batch_size=2048 lr=3e-4",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    pt.add_argument("--config", help="shipped config name (see --list-configs) or a YAML file")
-    pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=1e-3 model=tiny")
+    add_run_arguments(pt, "pretrain")
     pt.add_argument("--data", help="training data: a folder of images (flat or class tree), or fashion-mnist")
-    pt.add_argument("--output-dir", help="run folder (checkpoints, metrics.jsonl, tb/); resumed if it holds checkpoints")
-    pt.add_argument("--max-steps", type=int, help="stop after N optimiser steps (the schedule spans N steps)")
-    pt.add_argument("--save-every", type=int, help="checkpoint every N steps")
-    pt.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default from the config: auto)")
-    pt.add_argument("--list-configs", action="store_true", help="print the shipped config names and exit")
-    pt.add_argument("--list-keys", action="store_true", help="print every config key with its default and exit")
-    pt.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     pt.set_defaults(func=cmd_pretrain)
 
     for parser in (bench, viz):

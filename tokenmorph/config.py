@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence, Union
 import yaml
 
 __all__ = ["ConfigError", "EngineConfig", "PretrainConfig", "FinetuneConfig", "load_config", "config_names",
-           "CONFIG_DIR", "parse_overrides", "describe_keys", "config_from_args"]
+           "CONFIG_DIR", "parse_overrides", "describe_keys", "config_from_args", "add_run_arguments"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -359,3 +359,16 @@ def config_from_args(args, kind: str, flags: Sequence[str]) -> Optional[EngineCo
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return None
     return cfg
+
+
+def add_run_arguments(parser, kind: str) -> None:
+    """The flags every ``tokenmorph pretrain|finetune`` takes (config, overrides, run folder, length)."""
+    parser.add_argument("--config", help=f"shipped {kind} config (see --list-configs) or a YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=1e-3")
+    parser.add_argument("--output-dir", help="run folder (checkpoints, metrics.jsonl, tb/); resumed if it holds checkpoints")
+    parser.add_argument("--max-steps", type=int, help="stop after N optimiser steps (the schedule spans N steps)")
+    parser.add_argument("--save-every", type=int, help="checkpoint every N steps")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default from the config: auto)")
+    parser.add_argument("--list-configs", action="store_true", help=f"print the shipped {kind} configs and exit")
+    parser.add_argument("--list-keys", action="store_true", help="print every config key with its default and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -25,18 +25,12 @@ TIMM_NAME = "beit_base_patch16_224"  # the registry entry; every size is this na
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", help="shipped fine-tune config (see --list-configs) or a YAML file")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=1e-3 layer_decay=0.75")
+    from .config import add_run_arguments
+
+    add_run_arguments(p, "finetune")
     p.add_argument("--checkpoint", help="pre-trained checkpoint file or run folder (its newest checkpoint)")
     p.add_argument("--data", help="training data: an ImageFolder tree, or fashion-mnist")
     p.add_argument("--val-data", help="validation ImageFolder tree (fashion-mnist uses its test split)")
-    p.add_argument("--output-dir", help="run folder (resumed if it holds checkpoints)")
-    p.add_argument("--max-steps", type=int, help="stop after N optimiser steps (the schedule spans N steps)")
-    p.add_argument("--save-every", type=int, help="checkpoint every N steps")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train")
-    p.add_argument("--list-configs", action="store_true", help="print the shipped fine-tune configs and exit")
-    p.add_argument("--list-keys", action="store_true", help="print every config key with its default and exit")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
 def run(args) -> int:
