@@ -422,3 +422,11 @@ def test_stats_by_source():
     assert DATASET_STATS["imagenet"] == (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
     assert dataset_stats("fashion-mnist:/anywhere") == dataset_stats("Fashion-MNIST") == DATASET_STATS["fashion-mnist"]
     assert dataset_stats("/some/photos") == DATASET_STATS["imagenet"]
+
+
+def test_default_crop_pct_rule_and_help_constant():
+    from tokenmorph.data import TINY_IMAGE_SIDE, default_crop_pct
+    from tokenmorph.eval import features
+
+    assert features.TINY_IMAGE_SIDE == TINY_IMAGE_SIDE
+    assert default_crop_pct(28) == 1.0 and default_crop_pct(TINY_IMAGE_SIDE) == 1.0 and default_crop_pct(224) == 0.875

@@ -90,7 +90,7 @@ def heldout_token_loss(cfg, run_dir: Path, dataset, num_images: int, device) -> 
 
 def run(args: argparse.Namespace) -> int:
     from .config import load_config, parse_overrides
-    from .data import build_dataset, eval_transform
+    from .data import build_dataset, default_crop_pct, eval_transform
     from .eval.knn import knn_classify
     from .eval.features import extract_eval_features
     from .eval.linear import linear_probe
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                               epochs=args.probe_epochs)
         device = resolve_device(args.device)
         heldout = build_dataset(args.eval_val or args.eval_dataset or cfg.data, train=False,
-                                transform=eval_transform(cfg.img_size, crop_pct=1.0 if cfg.img_size <= 64 else 0.875))
+                                transform=eval_transform(cfg.img_size, crop_pct=default_crop_pct(cfg.img_size)))
         token_loss = heldout_token_loss(cfg, run_dir, heldout, args.loss_images, device)
         rows.append({"config": cfg.name, "objective": "token-wise" if cfg.scheduler == "none" else f"DTM ({cfg.scheduler})",
                      "steps": summary["steps"], "train_loss": summary["final_loss"],

@@ -384,6 +384,16 @@ def pretrain_transform(img_size: int = 224, scale: tuple[float, float] = (0.08, 
     return T.Compose(steps)
 
 
+TINY_IMAGE_SIDE = 64  # at or below this side an evaluation view is a plain resize (e.g. Fashion-MNIST)
+DEFAULT_CROP_PCT = 0.875
+
+
+def default_crop_pct(side: int) -> float:
+    """The evaluation centre-crop fraction for images of ``side`` pixels: 1.0 for tiny images (cropping
+    28 px digits or clothes would cut the object), 0.875 otherwise."""
+    return 1.0 if side <= TINY_IMAGE_SIDE else DEFAULT_CROP_PCT
+
+
 def eval_transform(img_size: int = 224, crop_pct: float = 0.875, interpolation: str = "bicubic") -> T.Compose:
     """Deterministic evaluation view: PIL image -> (3, img_size, img_size) float in [0, 1].
 

@@ -137,10 +137,10 @@ def build_datasets(cfg, img_size: int, mean, std):
     import torchvision.transforms as T
     from timm.data import create_transform
 
-    from .data import DataError, ToRGB, build_dataset
+    from .data import DataError, ToRGB, build_dataset, default_crop_pct
 
     _use_compatible_posterize()  # before the ops are built: each op keeps its function
-    crop = cfg.crop_pct if cfg.crop_pct is not None else (1.0 if img_size <= 64 else 0.875)
+    crop = cfg.crop_pct if cfg.crop_pct is not None else default_crop_pct(img_size)
     train_tf = T.Compose([ToRGB(), create_transform(img_size, is_training=True, auto_augment=cfg.randaug or None,
                                                     interpolation="bicubic", re_prob=cfg.reprob, re_mode="pixel",
                                                     re_count=1, mean=tuple(mean), std=tuple(std))])

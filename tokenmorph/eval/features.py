@@ -29,9 +29,9 @@ if TYPE_CHECKING:  # annotations only
 __all__ = ["Features", "extract_features", "add_common_arguments", "build_eval_datasets", "extract_eval_features",
            "resolve_amp", "positive", "positive_list", "emit_report", "topk_correct"]
 
-# Images this small (Fashion-MNIST's 28 px) are the whole object: resize them to the input, crop nothing.
+# The value of tokenmorph.data.TINY_IMAGE_SIDE (the rule is data.default_crop_pct), repeated here only for
+# the --help text, so that building the parser does not import torch.
 TINY_IMAGE_SIDE = 64
-DEFAULT_CROP_PCT = 0.875
 
 
 class Features(NamedTuple):
@@ -208,7 +208,7 @@ def build_eval_datasets(args: argparse.Namespace, img_size: int) -> tuple["Datas
     images are tiny (short side <= ``TINY_IMAGE_SIDE``). Raises ``DataError`` for missing or conflicting
     flags, folders without class sub-folders, fewer than 2 classes, or train/val class lists that differ.
     """
-    from ..data import DataError, FashionMNIST, ImageFiles, eval_transform
+    from ..data import DataError, FashionMNIST, ImageFiles, default_crop_pct, eval_transform
 
     if args.dataset and (args.train or args.val):
         raise DataError("give either --dataset or --train DIR --val DIR, not both")
@@ -234,7 +234,7 @@ def build_eval_datasets(args: argparse.Namespace, img_size: int) -> tuple["Datas
         raise DataError("no evaluation data: pass --dataset fashion-mnist, or both --train DIR and --val DIR")
     crop_pct = args.crop_pct
     if crop_pct is None:
-        crop_pct = 1.0 if _short_side(train_ds) <= TINY_IMAGE_SIDE else DEFAULT_CROP_PCT
+        crop_pct = default_crop_pct(_short_side(train_ds))
     try:
         train_ds.transform = val_ds.transform = eval_transform(img_size, crop_pct)
     except ValueError as e:
