@@ -7,10 +7,13 @@ import pytest
 @pytest.fixture(scope="session")
 def photo_dir(tmp_path_factory):
     """A flat folder (plus one nested sub-folder) of 40 real photo crops from scikit-image."""
+    return make_photo_dir(tmp_path_factory.mktemp("photos"))
+
+
+def make_photo_dir(root):
     import skimage.data
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("photos")
     (root / "nested").mkdir()
     rng = np.random.default_rng(0)
     k = 0
@@ -44,3 +47,16 @@ def class_tree(tmp_path_factory):
                 y, x = int(rng.integers(0, img.shape[0] - s)), int(rng.integers(0, img.shape[1] - s))
                 Image.fromarray(img[y : y + s, x : x + s]).save(root / split / cls / f"{k}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def mae_run(tmp_path_factory):
+    """A 2-step smoke pre-training of the MAE framework (plain masking, pixel targets), with the real CLI
+    (its own photos: some modules define a photo_dir of their own)."""
+    from .helpers import run_cli
+
+    photo_dir = make_photo_dir(tmp_path_factory.mktemp("mae-photos"))
+    out = tmp_path_factory.mktemp("mae") / "run"
+    run_cli("pretrain", "--config", "smoke", "framework=mae", "objective=mask", "teacher=pixels", "--data",
+            str(photo_dir), "--output-dir", str(out), "--max-steps", "2")
+    return out

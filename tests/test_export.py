@@ -227,3 +227,69 @@ def test_end_to_end_pretrain_export_timm(photo_dir, tmp_path):
         model = eval(call, {"timm": timm, "json": json}).eval()
     assert_strict_exact(model, calls, out / "enc.safetensors")
     assert_same_features(model, student_from_checkpoint(ckpt).eval(), spec)
+
+
+# ------------------------------------------------------------------------------ MAE framework: timm's ViT
+@pytest.mark.parametrize("pool", ["avg", "token", ""])
+def test_mae_export_is_a_timm_vit_that_loads_strictly_with_the_same_features(mae_run, tmp_path, pool):
+    weights, json_path = export_encoder(mae_run, tmp_path / "enc.safetensors", global_pool=pool)
+    spec = json.loads(json_path.read_text())
+    ckpt = torch.load(mae_run / "checkpoints" / "step_00000002.pt", weights_only=False)
+    assert ckpt["student_arch"]["framework"] == "mae"
+    assert spec["timm_model"] == "vit_base_patch16_224" and spec["framework"] == "mae"
+    kw = spec["kwargs"]
+    assert (kw["img_size"], kw["patch_size"], kw["depth"], kw["class_token"], kw["global_pool"], kw["num_classes"]) \
+        == (32, 4, 2, True, pool, 0)
+    assert ("fc_norm" in kw) == (pool == "avg") and kw.get("fc_norm") in (False, None)
+    assert "init_values" not in kw and not any("rel_pos" in k for k in kw)
+    assert kw["pretrained_cfg"]["description"].startswith("tokenmorph mae tiny student encoder, step 2")
+    # the encoder only: exactly the checkpoint's "encoder." weights, no decoder
+    assert set(load_file(str(weights))) == {k[len("encoder."):] for k in ckpt["model"] if k.startswith("encoder.")}
+    model, calls = load_with_timm(json_path)
+    assert type(model).__name__ == "VisionTransformer"
+    assert_strict_exact(model, calls, weights)
+    student = student_from_checkpoint(ckpt).eval()
+    tokens, x = assert_same_features(model, student, spec)
+    with torch.no_grad():
+        # bit-identical to tokenmorph's encoder (timm's own forward on the same normalised input)
+        assert torch.equal(model.forward_features(x), student.encoder.forward_features(x))
+        pooled = model(x)
+    expected = {"avg": tokens[:, 1:].mean(1), "token": tokens[:, 0], "": tokens}[pool]
+    assert (pooled - expected).abs().max().item() < 1e-5
+
+
+def test_mae_export_for_finetuning_and_damaged_weights(mae_run, tmp_path, capsys):
+    from tokenmorph.cli import main
+
+    assert main(["export", str(mae_run), str(tmp_path / "enc.safetensors")]) == 0
+    assert "the tiny mae encoder" in capsys.readouterr().out
+    model, calls = load_with_timm(tmp_path / "enc.json", num_classes=10)
+    (strict, result), = calls
+    assert sorted(result.missing_keys) == ["head.bias", "head.weight"] and not result.unexpected_keys
+    assert model(photos(32)).shape == (len(PHOTOS), 10)
+    damaged = tmp_path / "damaged.pt"
+    ckpt = torch.load(mae_run / "checkpoints" / "step_00000002.pt", weights_only=False)
+    del ckpt["model"]["encoder.pos_embed"]
+    torch.save(ckpt, damaged)
+    assert main(["export", str(damaged), str(tmp_path / "bad.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the VisionTransformer that timm" in err and "differing: pos_embed" in err, err
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base", "large"])
+def test_mae_recipe_of_every_size_matches_the_encoder(size, tmp_path):
+    """Keys and shapes of an MAE student's encoder (built on the meta device: no memory) == the recipe's ViT."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from tokenmorph.export import _check_loadable, timm_spec
+    from tokenmorph.models import STUDENT_SIZES, timm_vit_kwargs
+
+    d, L, h = STUDENT_SIZES[size]
+    arch = dict(framework="mae", img_size=224, patch_size=16, embed_dim=d, depth=L, num_heads=h, decoder_depth=4,
+                decoder_dim=384, decoder_heads=12)
+    with torch.device("meta"):
+        state = VisionTransformer(**timm_vit_kwargs(arch)).state_dict()
+    for pool in ("avg", "token", ""):
+        name, kwargs = timm_spec(arch, pool, (0.5,) * 3, (0.5,) * 3)
+        assert name == ("vit_large_patch16_224" if size == "large" else "vit_base_patch16_224")
+        _check_loadable(name, json.loads(json.dumps(kwargs)), state, tmp_path)  # raises on any difference

@@ -75,3 +75,51 @@ def test_posterize_zero_bits_is_black():
     assert np.asarray(posterize(img, 0)).max() == 0
     assert np.asarray(posterize(img, 8)).tolist() == np.asarray(img).tolist()
     assert np.asarray(posterize(img, 1))[0, 0].tolist() == [128, 0, 0]
+
+
+# ------------------------------------------------------------------------------ MAE framework: timm's ViT
+def test_finetune_from_an_mae_checkpoint(mae_run, class_tree, tmp_path):
+    proc = finetune(mae_run, class_tree, tmp_path / "ft", "--max-steps", "2")
+    # MAE's protocol with mean pooling: the pre-trained final norm gives way to a new fc_norm
+    assert ("new keys ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']; pre-trained keys not used "
+            "['norm.bias', 'norm.weight']") in proc.stdout
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["classes"] == 3 and summary["val_images"] == 12
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "ft"))
+    assert ckpt["kind"] == "finetune" and ckpt["timm_model"] == "vit_base_patch16_224"
+    kw = ckpt["timm_kwargs"]
+    assert kw["class_token"] and kw["num_classes"] == 3 and kw["global_pool"] == "avg"
+    assert not any("rel_pos" in k for k in kw) and "init_values" not in kw
+    # every encoder weight was trained, the position embedding included (fixed in pre-training)
+    pre = load_checkpoint(latest_checkpoint(mae_run))["model"]
+    assert not torch.equal(ckpt["model"]["pos_embed"], pre["encoder.pos_embed"])
+
+
+def test_mae_finetune_model_starts_as_the_pretrained_encoder(mae_run):
+    from timm.optim import param_groups_layer_decay
+
+    student = student_from_checkpoint(load_checkpoint(latest_checkpoint(mae_run))).eval()
+    overrides = parse_overrides(["global_pool=token", "drop_path=0", "rel_pos_init=shared"])
+    cfg = load_config("fashion-mnist-tiny", overrides, kind="finetune")
+    model, kwargs, report = build_model(cfg, 3, student, "x")  # rel_pos_init does not apply to a ViT
+    assert type(model).__name__ == "VisionTransformer" and kwargs["drop_path_rate"] == 0
+    assert report["new"] == ["head.bias", "head.weight"] and report["dropped"] == []
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval().forward_features(x), student.encoder.forward_features(x))
+    assert model.pos_embed.requires_grad and not student.encoder.pos_embed.requires_grad
+    # layer-wise decay: pos_embed and cls_token in the stem group (smallest scale), without weight decay
+    groups = param_groups_layer_decay(model, 0.05, no_weight_decay_list=model.no_weight_decay(), layer_decay=0.75)
+    stem = min(groups, key=lambda g: g["lr_scale"])
+    assert len({g["lr_scale"] for g in groups}) == 4  # stem, 2 blocks, head
+    assert any(p is model.pos_embed for g in groups if g["lr_scale"] == stem["lr_scale"] and g["weight_decay"] == 0
+               for p in g["params"])
+
+    # another input size: the position embedding is resampled to the new grid (the class token's row kept)
+    cfg = load_config("fashion-mnist-tiny", parse_overrides(["img_size=48"]), kind="finetune")
+    model, kwargs, report = build_model(cfg, 3, student, "x")
+    assert kwargs["img_size"] == 48 and model.pos_embed.shape == (1, 1 + 12 * 12, student.embed_dim)
+    assert torch.equal(model.pos_embed[:, :1], student.encoder.pos_embed[:, :1])
+    assert report["dropped"] == ["norm.bias", "norm.weight"]
+    assert report["new"] == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert model(torch.randn(2, 3, 48, 48)).shape == (2, 3)

@@ -92,15 +92,21 @@ def encoder_kwargs_from_checkpoint(ckpt: dict) -> dict:
 
 
 def student_from_checkpoint(ckpt: dict):
-    """The :class:`~tokenmorph.models.MaskedViTStudent` of a pre-training checkpoint, weights loaded strictly."""
-    from .models import create_student
+    """The student of a pre-training checkpoint, weights loaded strictly: a
+    :class:`~tokenmorph.models.MaskedViTStudent` (BEiT framework) or :class:`~tokenmorph.models.MAEStudent`."""
+    from .models import create_mae_student, create_student
 
     arch = ckpt["student_arch"]
     stats = ckpt.get("data_stats", {})
-    kw = {k: arch[k] for k in ("img_size", "patch_size", "depth", "embed_dim", "num_heads", "init_values")}
-    student = create_student(ckpt.get("student_size", "tiny"), target_dim=ckpt["target_dim"], drop_path_rate=0.0,
-                             mean=stats.get("mean", (0.485, 0.456, 0.406)), std=stats.get("std", (0.229, 0.224, 0.225)),
-                             **kw)
+    common = dict(target_dim=ckpt["target_dim"], drop_path_rate=0.0, mean=stats.get("mean", (0.485, 0.456, 0.406)),
+                  std=stats.get("std", (0.229, 0.224, 0.225)))
+    keys = ("img_size", "patch_size", "depth", "embed_dim", "num_heads")
+    if arch.get("framework") == "mae":
+        keys += ("decoder_depth", "decoder_dim", "decoder_heads")
+        student = create_mae_student(ckpt.get("student_size", "tiny"), **common, **{k: arch[k] for k in keys})
+    else:
+        keys += ("init_values",)
+        student = create_student(ckpt.get("student_size", "tiny"), **common, **{k: arch[k] for k in keys})
     student.load_state_dict(ckpt["model"])
     return student
 

@@ -12,12 +12,14 @@ import statistics
 import time
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .losses import dtm_loss
 
-__all__ = ["release_dense_membership", "release_dense_dtm_loss", "bench_morph", "bench_pretrain", "matmul_peak", "timeit"]
+__all__ = ["release_dense_membership", "release_dense_dtm_loss", "bench_morph", "bench_pretrain", "bench_objectives",
+           "matmul_peak", "timeit"]
 
 
 def release_dense_membership(tokens: torch.Tensor, schedule: Sequence[int]) -> torch.Tensor:
@@ -260,3 +262,109 @@ def bench_pretrain(model: str = "small", teacher: str = "clip-vit-b16", random_i
                               "phases_s": base["phases_s"]}
         result["speedup_vs_release"] = ours["images_per_second"] / base["images_per_second"]
     return result
+
+
+class _Timed:
+    """Wraps a callable and adds its wall time (device-synchronised) to ``phases[name]``."""
+
+    def __init__(self, fn: Callable, name: str, phases: dict, sync: Callable) -> None:
+        self.fn, self.name, self.phases, self.sync = fn, name, phases, sync
+
+    def __call__(self, *args, **kwargs):
+        self.sync()
+        t0 = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        self.sync()
+        self.phases[self.name] = self.phases.get(self.name, 0.0) + time.perf_counter() - t0
+        return out
+
+
+def bench_objectives(frameworks: Sequence[str] = ("beit", "mae"), objectives: Sequence[str] = ("mask",),
+                     model: str = "small", teacher: str = "pixels", random_init: bool = True, batch_size: int = 16,
+                     steps: int = 3, device: str = "cpu", precision: str = "bf16", img_size: int = 224,
+                     patch_size: int = 16, decoder: str = "release", mask_ratio: float = 0.75, seed: int = 0,
+                     teacher_weights=None) -> dict:
+    """The real pre-training step (:class:`tokenmorph.objectives.PretrainObjective`, the students and
+    teachers ``tokenmorph pretrain`` builds) for every framework x objective, timed in one run.
+
+    Phases per step (means): teacher (targets), student (forward), rest of the forward (degradation,
+    masking gather/scatter, loss), backward, optimiser (clip + AdamW). ``step_s`` is the median step
+    after two warm-up steps. Reports each combination's step and its ratios to the BEiT-framework step
+    and to plain masking of the same framework.
+    """
+    from .config import PretrainConfig
+    from .objectives import PretrainObjective
+    from .pretrain import build_student_and_teacher
+    from .train import collate_keyed
+
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    n = (img_size // patch_size) ** 2
+    rows = []
+    for framework in frameworks:
+        for objective in objectives:
+            cfg = PretrainConfig(model=model, img_size=img_size, patch_size=patch_size, teacher=teacher,
+                                 teacher_random_init=random_init, teacher_weights=teacher_weights, framework=framework,
+                                 objective=objective, decoder=decoder, mask_ratio=mask_ratio, precision=precision,
+                                 num_masked=round(n * 75 / 196), min_mask_block=max(1, round(n * 16 / 196)),
+                                 drop_path=0.0 if framework == "mae" else 0.1, seed=seed).validate()
+            student, t_model = build_student_and_teacher(cfg, dev, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+            obj = PretrainObjective(t_model, student.grid, cfg)
+            rng = np.random.default_rng(seed)
+            side = obj.degradation.view_side
+            images = torch.rand(batch_size, 3, side, side, generator=torch.Generator().manual_seed(seed))
+            batch = collate_keyed([(img, 0, obj.sample(rng)) for img in images])
+            batch = {k: ({kk: vv.to(dev) for kk, vv in v.items()} if isinstance(v, dict) else
+                         v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
+            phases: dict = {}
+            obj.teacher = _Timed(t_model, "teacher", phases, sync)
+            timed_student = _Timed(student, "student_forward", phases, sync)
+
+            def step(i: int) -> None:
+                sync()
+                t0 = time.perf_counter()
+                with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss, _ = obj(timed_student, batch, i)
+                sync()
+                t1 = time.perf_counter()
+                phases["forward"] = phases.get("forward", 0.0) + t1 - t0
+                loss.backward()
+                sync()
+                t2 = time.perf_counter()
+                torch.nn.utils.clip_grad_norm_(student.parameters(), 3.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync()
+                phases["backward"] = phases.get("backward", 0.0) + t2 - t1
+                phases["optimizer"] = phases.get("optimizer", 0.0) + time.perf_counter() - t2
+
+            step(0)  # warm-up (allocations, kernel selection)
+            step(1)
+            phases.clear()
+            times = []
+            for i in range(steps):
+                t0 = time.perf_counter()
+                step(i + 2)
+                times.append(time.perf_counter() - t0)
+            total = statistics.median(times) * steps  # the median step: robust to other jobs on shared cores
+            ph = {k: v / steps for k, v in phases.items()}
+            ph["loss_and_degradation"] = ph.pop("forward") - ph["teacher"] - ph["student_forward"]
+            order = ("teacher", "student_forward", "loss_and_degradation", "backward", "optimizer")
+            rows.append({"framework": framework, "objective": objective, "step_s": total / steps,
+                         "images_per_second": batch_size * steps / total, "phases_s": {k: ph[k] for k in order},
+                         "params_trained": sum(p.numel() for p in student.parameters() if p.requires_grad)})
+            del student, t_model, obj, opt
+    by = {(r["framework"], r["objective"]): r for r in rows}
+    for r in rows:
+        beit = by.get(("beit", r["objective"]))
+        plain = by.get((r["framework"], "mask"))
+        if beit is not None and r["framework"] != "beit":
+            r["step_vs_beit"] = r["step_s"] / beit["step_s"]
+        if plain is not None and r["objective"] != "mask":
+            r["step_vs_mask"] = r["step_s"] / plain["step_s"]
+    return {"benchmark": "pretrain-objectives", "student": model, "teacher": teacher, "random_init": random_init,
+            "batch_size": batch_size, "steps": steps, "device": device, "precision": precision, "img_size": img_size,
+            "patch_size": patch_size, "decoder": decoder, "mask_ratio": mask_ratio, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "results": rows}

@@ -55,9 +55,39 @@ def cmd_bench_morph(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_objectives(args: argparse.Namespace) -> int:
+    from .bench import bench_objectives
+    from .degrade import OBJECTIVES
+
+    frameworks = [f for f in (args.framework or "beit,mae").split(",") if f]
+    objectives = [o for o in (args.objective or "mask").split(",") if o]
+    for value, allowed, flag in ((frameworks, ("beit", "mae"), "--framework"), (objectives, OBJECTIVES, "--objective")):
+        bad = [v for v in value if v not in allowed]
+        if bad:
+            raise CLIError(f"{flag} {','.join(bad)}: not one of {', '.join(allowed)} (give a comma-separated list)")
+    r = bench_objectives(frameworks, objectives, args.model, args.teacher, args.random_init, args.batch_size, args.steps,
+                         args.device, args.precision, args.img_size, args.patch_size, args.decoder, args.mask_ratio,
+                         args.seed, args.teacher_weights)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"pre-training steps: student {r['student']}, teacher {r['teacher']}, batch {r['batch_size']}, "
+          f"{r['img_size']} px / patch {r['patch_size']}, decoder {r['decoder']}, {r['precision']} on {r['device']} "
+          f"({r['threads']} threads)")
+    for x in r["results"]:
+        ratios = "".join(f", {x[k]:.2f}x the {label} step" for k, label in
+                         (("step_vs_beit", "beit"), ("step_vs_mask", "mask")) if k in x)
+        print(f"  {x['framework']:5s} {x['objective']:13s} {x['step_s'] * 1e3:8.0f} ms/step  "
+              f"{x['images_per_second']:7.2f} img/s{ratios}")
+        print("      " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in x["phases_s"].items()))
+    return 0
+
+
 def cmd_bench_pretrain(args: argparse.Namespace) -> int:
     from .bench import bench_pretrain
 
+    if args.framework or args.objective:
+        return _bench_objectives(args)
     r = bench_pretrain(args.model, args.teacher, args.random_init, args.batch_size, args.steps, args.device,
                        args.precision, args.img_size, args.patch_size, not args.no_baseline, args.seed, args.teacher_weights)
     if args.json:
@@ -148,6 +178,7 @@ MODULE_COMMANDS = [
     (None, "compare", "tokenmorph.compare", "DTM vs token-wise distillation under the same budget"),
     ("analyze", "consistency", "tokenmorph.analysis", "spatial consistency of teacher targets, before and after morphing"),
     (None, "plot", "tokenmorph.plots", "training curves of one or more runs"),
+    ("viz", "reconstruct", "tokenmorph.reconstruct", "inputs, predictions and targets of a pixel-reconstruction run"),
 ]
 
 
@@ -220,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--img-size", type=int, default=224)
     bp.add_argument("--patch-size", type=int, default=16)
     bp.add_argument("--no-baseline", action="store_true", help="skip the release-step comparison")
+    bp.add_argument("--framework", help="comma-separated beit,mae: time the real step of each framework x objective "
+                    "(tokenmorph pretrain's objective) in one run, with ratios, instead of the release comparison")
+    bp.add_argument("--objective", help="comma-separated objectives (mask, zoom_in, zoom_out, distort, blur, decolorize, "
+                    "zoom_in_mask) for --framework (default mask; --objective alone implies --framework beit,mae)")
+    bp.add_argument("--decoder", default="release", choices=["release", "mae"], help="MAE decoder preset (4x384 or 8x512)")
+    bp.add_argument("--mask-ratio", type=float, default=0.75, help="MAE framework mask ratio")
     bp.add_argument("--seed", type=int, default=0)
     bp.add_argument("--json", action="store_true", help="print one JSON object")
     bp.set_defaults(func=cmd_bench_pretrain)
@@ -252,13 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser(
         "pretrain",
-        help="DTM pre-training of a ViT (one CPU, or many GPUs through torchrun)",
-        description="Pre-train a student ViT with Dynamic Token Morphing. A run folder is resumed automatically: "
+        help="pre-training of a ViT: DTM, MAE, Beyond Masking (one CPU, or many GPUs through torchrun)",
+        description="Pre-train a student ViT: Dynamic Token Morphing in the BEiT framework (default), or the MAE "
+        "framework (framework=mae) with masking or a Beyond Masking objective (objective=zoom_in|zoom_out|distort|"
+        "blur|decolorize|zoom_in_mask) and pixel (teacher=pixels) or teacher targets. A run folder is resumed "
+        "automatically: "
         "rerun the same command after an interruption. Multi-process: torchrun --nproc_per_node N -m tokenmorph "
         "pretrain ... (gloo on CPU, NCCL on GPU; multi-node with torchrun's --nnodes/--rdzv-* flags).",
         epilog="Examples:\n  tokenmorph pretrain --config smoke --data DIR --output-dir OUT --max-steps 8\n"
         "  tokenmorph pretrain --config demo\n  tokenmorph pretrain --config vit-b16-in1k --data /data/imagenet/train "
-        "batch_size=2048 lr=3e-4",
+        "batch_size=2048 lr=3e-4\n  tokenmorph pretrain --config mae-zoom-in-mask-demo\n"
+        "  tokenmorph pretrain --config smoke framework=mae objective=zoom_in_mask teacher=pixels --data DIR "
+        "--output-dir OUT --max-steps 4",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_run_arguments(pt, "pretrain")

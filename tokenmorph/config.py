@@ -96,7 +96,32 @@ class PretrainConfig(EngineConfig):
     teacher_input_size: Optional[int] = field(default=None, metadata=dict(doc="side the teacher sees (default: its own)", min=8))
     teacher_normalization: str = field(default="default", metadata=dict(
         doc="teacher input normalisation: its own, or the release's ImageNet one for CLIP", choices=("default", "imagenet")))
-    teacher_kwargs: dict = field(default_factory=dict, metadata=dict(doc="extra teacher arguments (JSON object)"))
+    teacher_kwargs: dict = field(default_factory=dict, metadata=dict(
+        doc="extra teacher arguments (JSON object); teacher_* keys reset when an override changes teacher"))
+    # framework and objective (method.md 2)
+    framework: str = field(default="beit", metadata=dict(
+        doc="beit: the student sees all tokens (mask token, block masks); mae: encoder on visible tokens + decoder",
+        choices=("beit", "mae")))
+    objective: str = field(default="mask", metadata=dict(
+        doc="input degradation: masking, or a Beyond Masking objective (zoom_in_mask = the best practice)",
+        choices=("mask", "zoom_in", "zoom_out", "distort", "blur", "decolorize", "zoom_in_mask")))
+    loss: str = field(default="auto", metadata=dict(doc="auto: mse for teacher=pixels, dtm otherwise",
+                                                    choices=("auto", "dtm", "mse")))
+    pixel_norm: str = field(default="per_channel", metadata=dict(
+        doc="teacher=pixels: per-patch normalisation per channel (Beyond Masking) or joint (MAE's norm_pix_loss)",
+        choices=("per_channel", "joint", "none")))
+    mask_ratio: float = field(default=0.75, metadata=dict(doc="framework=mae: fraction of tokens removed per sample",
+                                                          min=0.0, max=0.99))
+    decoder: str = field(default="release", metadata=dict(doc="framework=mae decoder preset: release 4 x 384, mae 8 x 512",
+                                                          choices=("release", "mae")))
+    decoder_depth: Optional[int] = field(default=None, metadata=dict(doc="decoder blocks (default: the preset's)", min=1))
+    decoder_dim: Optional[int] = field(default=None, metadata=dict(doc="decoder width (default: the preset's)", min=8))
+    zoom_ring_patches: Optional[int] = field(default=None, metadata=dict(
+        doc="zoom-in border ring in patches (default img_size / 7 rounded: 2 at 224/16, the 288 view)", min=1))
+    zoom_out_content: Optional[int] = field(default=None, metadata=dict(
+        doc="zoom-out content side in pixels (default 5/7 of img_size: 160 at 224)", min=1))
+    ring_loss_weight: float = field(default=0.2, metadata=dict(
+        doc="zoom_in_mask with pixels: weight of the border-ring MSE (the masked tokens get 1 - it)", min=0.0, max=1.0))
     # data
     data: str = field(default="fashion-mnist", metadata=dict(doc="folder of images (flat or class tree) or fashion-mnist"))
     crop_scale_min: float = field(default=0.08, metadata=dict(doc="RandomResizedCrop smallest scale", min=0.0, max=1.0))
@@ -122,13 +147,23 @@ class PretrainConfig(EngineConfig):
         if self.img_size % self.patch_size:
             raise ConfigError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
         n = (self.img_size // self.patch_size) ** 2
-        if self.num_masked > n:
+        if self.framework == "beit" and self.num_masked > n:
             raise ConfigError(f"num_masked={self.num_masked} exceeds the {n} patches of a {self.img_size}px image "
                               f"with patch_size={self.patch_size}")
         if self.n_max is not None and self.n_max > n:
             raise ConfigError(f"n_max={self.n_max} exceeds the {n} patches per image")
-        if self.loss_on == "masked" and self.num_masked == 0:
-            raise ConfigError("loss_on=masked needs num_masked > 0")
+        masked_objective = self.objective in ("mask", "zoom_in_mask")
+        if self.loss_on == "masked" and (not masked_objective or self.framework == "beit" and self.num_masked == 0):
+            raise ConfigError(f"loss_on=masked needs a masked input: objective={self.objective} with framework="
+                              f"{self.framework} masks nothing (use objective=mask or zoom_in_mask, num_masked > 0)")
+        if self.loss_on == "masked" and self.objective == "zoom_in_mask":
+            raise ConfigError("loss_on=masked does not apply to objective=zoom_in_mask: the masked tokens are input-frame "
+                              "tokens and the student predicts the whole zoom-in view; use loss_on=all")
+        if self.objective == "zoom_out":
+            content = self.zoom_out_content or round(self.img_size * 5 / 7)
+            if not self.img_size / 2 < content < self.img_size:
+                raise ConfigError(f"zoom_out_content={content} must lie between half of img_size={self.img_size} and "
+                                  f"img_size (mirror padding reflects the content once)")
         return self
 
 
@@ -176,6 +211,8 @@ class FinetuneConfig(EngineConfig):
 
 
 CONFIG_CLASSES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
+# reset to their defaults when an override changes a config's teacher (unless also overridden)
+TEACHER_SETTINGS = ("teacher_kwargs", "teacher_input_size", "teacher_weights", "teacher_normalization")
 KINDS_BY_CLASS = {v: k for k, v in CONFIG_CLASSES.items()}
 
 
@@ -309,8 +346,15 @@ def load_config(name_or_path: str, overrides: Optional[dict] = None, kind: str =
     """
     cfg = CONFIG_CLASSES[kind]()
     _load_into(cfg, name_or_path, kind, seen=set())
+    file_teacher = getattr(cfg, "teacher", None)
     if overrides:
         apply(cfg, overrides, "command-line overrides")
+        # a config's teacher settings were written for its teacher: another teacher starts from the defaults
+        if getattr(cfg, "teacher", None) != file_teacher:
+            defaults = type(cfg)()
+            for key in TEACHER_SETTINGS:
+                if key not in overrides:
+                    setattr(cfg, key, getattr(defaults, key))
     return cfg.validate()
 
 

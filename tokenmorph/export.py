@@ -1,4 +1,5 @@
-"""Export a pre-trained student encoder as a timm ``Beit`` checkpoint (safetensors + a JSON recipe).
+"""Export a pre-trained student encoder as a timm checkpoint (safetensors + a JSON recipe): a ``Beit``
+for a DTM (``framework=beit``) student, a ``VisionTransformer`` for an MAE (``framework=mae``) one.
 
 ``tokenmorph export CKPT OUT.safetensors`` writes the encoder's weights and ``OUT.json``; then::
 
@@ -29,6 +30,13 @@ How the recipe is built, and why:
   and the pooled feature is the mean of the normalised patch tokens (``avg``) or the normalised CLS
   token (``token``); ``global_pool=""`` makes ``model(x)`` return the tokens. To change the pooling,
   export again (or also pass ``use_fc_norm=False`` with ``global_pool="avg"``).
+* An MAE student's encoder *is* a timm ``VisionTransformer`` (class token, qkv bias, no LayerScale, an
+  absolute ``pos_embed``: MAE's fixed sin-cos table, exported as a plain weight that timm treats as
+  learnable). ``timm_model`` is ``vit_large_patch16_224`` for the large shape, ``vit_base_patch16_224``
+  otherwise, and ``kwargs`` again spell out the whole architecture; the decoder is not exported. The
+  ``pretrained_cfg`` is the same, and so is the final norm: timm's ViT would also swap ``norm`` for an
+  ``fc_norm`` with ``global_pool="avg"``, which the recipe prevents with ``fc_norm=False`` (to change the
+  pooling, export again, or also pass ``fc_norm=False`` with ``global_pool="avg"``).
 """
 from __future__ import annotations
 
@@ -63,20 +71,27 @@ def timm_spec(arch: dict, global_pool: str, mean, std, description: str = "") ->
     if global_pool not in GLOBAL_POOLS:
         raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
     shape = (arch["embed_dim"], arch["depth"], arch["num_heads"])
-    name = "beit_large_patch16_224" if shape == (1024, 24, 16) else "beit_base_patch16_224"
+    family = "vit" if arch.get("framework") == "mae" else "beit"
+    name = f"{family}_large_patch16_224" if shape == (1024, 24, 16) else f"{family}_base_patch16_224"
     side = arch["img_size"]
     kwargs = dict(
         img_size=side, patch_size=arch["patch_size"], embed_dim=arch["embed_dim"], depth=arch["depth"],
-        num_heads=arch["num_heads"], mlp_ratio=4.0, qkv_bias=True, init_values=arch["init_values"],
-        use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
-        num_classes=0, global_pool=global_pool,
+        num_heads=arch["num_heads"], mlp_ratio=4.0, qkv_bias=True,
     )
-    if global_pool == "avg":
-        # keep the final norm on the tokens (timm would otherwise pool first, then apply fc_norm); only
-        # set when needed because timm releases older than this argument refuse it
-        kwargs["use_fc_norm"] = False
+    if family == "vit":  # tokenmorph.models.timm_vit_kwargs: MAE's encoder is timm's VisionTransformer
+        kwargs.update(class_token=True, num_classes=0, global_pool=global_pool)
+        if global_pool == "avg":
+            kwargs["fc_norm"] = False  # keep the final norm on the tokens, as for Beit below
+    else:
+        kwargs.update(init_values=arch["init_values"], use_abs_pos_emb=False, use_rel_pos_bias=False,
+                      use_shared_rel_pos_bias=True, num_classes=0, global_pool=global_pool)
+        if global_pool == "avg":
+            # keep the final norm on the tokens (timm would otherwise pool first, then apply fc_norm); only
+            # set when needed because timm releases older than this argument refuse it
+            kwargs["use_fc_norm"] = False
     kwargs["pretrained_cfg"] = dict(
-        input_size=[3, side, side], fixed_input_size=True,  # the relative position bias fixes the grid
+        # the relative position bias (Beit) or the absolute position embedding (ViT) fixes the grid
+        input_size=[3, side, side], fixed_input_size=True,
         interpolation="bicubic", crop_pct=0.875, mean=[float(v) for v in mean], std=[float(v) for v in std],
         num_classes=0,  # equal to the model's: timm then loads strictly
         classifier="head", first_conv="patch_embed.proj", description=description,
@@ -86,8 +101,8 @@ def timm_spec(arch: dict, global_pool: str, mean, std, description: str = "") ->
 
 def _check_loadable(name: str, kwargs: dict, state: dict, source: Path) -> None:
     """Build the timm model on the meta device (no memory, no init cost) and check that its state dict
-    has exactly the keys and shapes of ``state``: a damaged checkpoint, or a timm that builds Beit
-    differently, fails here, at export time, with a clear message rather than when loading."""
+    has exactly the keys and shapes of ``state``: a damaged checkpoint, or a timm that builds Beit (or
+    VisionTransformer) differently, fails here, at export time, with a clear message rather than when loading."""
     import timm
     import torch
 
@@ -103,8 +118,8 @@ def _check_loadable(name: str, kwargs: dict, state: dict, source: Path) -> None:
     ours = {k: tuple(v.shape) for k, v in state.items()}
     if theirs != ours:
         diff = sorted(set(theirs) ^ set(ours)) or sorted(k for k in ours if theirs[k] != ours[k])
-        raise TrainingError(f"{source}: the encoder's weights do not match the Beit that timm {timm.__version__} "
-                            f"builds for its architecture (differing: {', '.join(diff[:5])})")
+        raise TrainingError(f"{source}: the encoder's weights do not match the {type(model).__name__} that timm "
+                            f"{timm.__version__} builds for its architecture (differing: {', '.join(diff[:5])})")
 
 
 def export_encoder(ckpt_or_run_dir: Union[str, Path], out_path: Union[str, Path],
@@ -124,7 +139,8 @@ def export_encoder(ckpt_or_run_dir: Union[str, Path], out_path: Union[str, Path]
 
     Raises:
         TrainingError: no checkpoint there, not a tokenmorph checkpoint, not a pre-training checkpoint,
-            weights that timm's Beit cannot take, or an output name without ``.safetensors``.
+            weights that timm's Beit (or VisionTransformer, for an MAE student) cannot take, or an output
+            name without ``.safetensors``.
         ValueError: an unknown ``global_pool``.
     """
     import timm
@@ -140,8 +156,9 @@ def export_encoder(ckpt_or_run_dir: Union[str, Path], out_path: Union[str, Path]
         raise TrainingError(f"{out_path}: the output must end in .safetensors (timm chooses its loader by the suffix)")
     ckpt, path = load_pretrain_checkpoint(ckpt_or_run_dir, "export")
 
-    # The encoder's weights are the checkpoint's "encoder." entries: no student is built (for a large one
-    # that saves seconds and a copy of the weights); _check_loadable verifies them against timm's Beit.
+    # The encoder's weights are the checkpoint's "encoder." entries (an MAE decoder is left out): no student
+    # is built (for a large one that saves seconds and a copy of the weights); _check_loadable verifies them
+    # against the timm model of the recipe.
     state = {k[len("encoder."):]: v.contiguous() for k, v in ckpt["model"].items() if k.startswith("encoder.")}
     arch = ckpt["student_arch"]
     # the statistics the student normalised with (tokenmorph.backbone.student_from_checkpoint's fallback)
@@ -149,8 +166,10 @@ def export_encoder(ckpt_or_run_dir: Union[str, Path], out_path: Union[str, Path]
     mean = stats.get("mean", DATASET_STATS["imagenet"][0])
     std = stats.get("std", DATASET_STATS["imagenet"][1])
     step = ckpt.get("step")
+    framework = arch.get("framework", "beit")
+    what = "DTM" if framework == "beit" else framework
     name, kwargs = timm_spec(arch, global_pool, mean, std,
-                             description=f"tokenmorph DTM {ckpt.get('student_size')} student encoder, step {step} of {path}")
+                             description=f"tokenmorph {what} {ckpt.get('student_size')} student encoder, step {step} of {path}")
     _check_loadable(name, json.loads(json.dumps(kwargs)), state, path)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +183,7 @@ def export_encoder(ckpt_or_run_dir: Union[str, Path], out_path: Union[str, Path]
         "source_checkpoint": str(path),
         "step": step,
         "student_size": ckpt.get("student_size"),
+        "framework": framework,
         "teacher": (ckpt.get("compat") or {}).get("teacher"),
         "img_size": arch["img_size"],
         "patch_size": arch["patch_size"],
@@ -203,8 +223,8 @@ def run(args: argparse.Namespace) -> int:
     pool = "" if args.global_pool == "none" else args.global_pool
     weights, json_path = export_encoder(args.checkpoint, args.out, global_pool=pool)
     spec = json.loads(json_path.read_text())
-    print(f"exported the {spec['student_size']} encoder ({spec['num_params'] / 1e6:.1f} M params, {spec['depth']} blocks, "
-          f"{spec['img_size']} px, patch {spec['patch_size']}, global_pool={pool!r}) of {spec['source_checkpoint']} "
+    print(f"exported the {spec['student_size']} {spec['framework']} encoder ({spec['num_params'] / 1e6:.1f} M params, "
+          f"{spec['depth']} blocks, {spec['img_size']} px, patch {spec['patch_size']}, global_pool={pool!r}) of {spec['source_checkpoint']} "
           f"(step {spec['step']}) to {weights} and {json_path}")
     print(timm_call(spec, weights, json_path))
     return 0

@@ -5,6 +5,12 @@ each block's relative position bias initialised from the pre-trained shared one,
 (``timm.optim.param_groups_layer_decay``), RandAugment + random erasing (``timm.data.create_transform``),
 Mixup / CutMix with label smoothing (``timm.data.Mixup``), drop path; the same engine as pre-training
 (bf16, torchrun, exact resume, metrics.jsonl, progress), then top-1 / top-5 on the validation split.
+
+A checkpoint of the MAE framework (``student_arch["framework"] == "mae"``) is fine-tuned as in MAE: its
+encoder is timm's ``VisionTransformer`` already, so the model is timm's ViT with the same shape kwargs; the
+fixed sin-cos ``pos_embed`` of pre-training becomes a learnable weight (resampled to the grid when
+``img_size`` changes), ``global_pool="avg"`` again replaces ``norm`` by a new ``fc_norm``, and
+``rel_pos_init`` does not apply (a ViT has no relative position bias) and is ignored.
 """
 from __future__ import annotations
 
@@ -19,9 +25,17 @@ Examples:
   torchrun --nproc_per_node 8 -m tokenmorph finetune --config vit-b16-in1k ...
 
 A run folder is resumed automatically. The pre-trained final norm is not used with mean pooling (BEiT's
-protocol: a new fc_norm normalises the pooled feature); the command prints every key it drops or adds."""
+protocol: a new fc_norm normalises the pooled feature); the command prints every key it drops or adds.
+A checkpoint of the MAE framework gives a timm ViT (learnable position embedding; rel_pos_init is ignored)."""
 
 TIMM_NAME = "beit_base_patch16_224"  # the registry entry; every size is this name with its shape kwargs
+# per pre-training framework (a checkpoint's student_arch["framework"]; random init is a Beit)
+TIMM_NAMES = {"beit": TIMM_NAME, "mae": "vit_base_patch16_224"}
+
+
+def framework_of(student) -> str:
+    """The pre-training framework of a student ("beit" or "mae"); "beit" for random init (None)."""
+    return "beit" if student is None else student.arch.get("framework", "beit")
 
 
 def add_arguments(p) -> None:
@@ -74,33 +88,49 @@ def load_pretrained_student(spec: str):
 
 def build_model(cfg, num_classes: int, student=None, source=None):
     """(timm model, timm kwargs, report): ``student``'s encoder with a new head, or a randomly initialised
-    ``cfg.model`` when ``student`` is None. ``report`` lists the keys dropped from / added to the weights."""
+    ``cfg.model`` when ``student`` is None. ``report`` lists the keys dropped from / added to the weights.
+
+    The model is timm's Beit (``TIMM_NAMES[framework_of(student)]``), or timm's VisionTransformer for an
+    MAE student: the same kwargs as its encoder (:func:`tokenmorph.models.timm_vit_kwargs`), a learnable
+    ``pos_embed`` initialised from the pre-trained sin-cos one; ``cfg.rel_pos_init`` is ignored there."""
     import timm
 
-    from .models import STUDENT_SIZES
+    from .models import STUDENT_SIZES, timm_vit_kwargs
     from .train import TrainingError
 
     per_block = cfg.rel_pos_init == "per_block"
+    framework = framework_of(student)
     if student is not None:
         arch = student.arch
     else:
         d, L, h = STUDENT_SIZES[cfg.model]
         arch = dict(img_size=cfg.img_size or 224, patch_size=cfg.patch_size, embed_dim=d, depth=L, num_heads=h,
                     init_values=0.1)
-    kwargs = dict(img_size=cfg.img_size or arch["img_size"], patch_size=arch["patch_size"], embed_dim=arch["embed_dim"],
-                  depth=arch["depth"], num_heads=arch["num_heads"], init_values=arch["init_values"],
-                  use_abs_pos_emb=False, use_rel_pos_bias=per_block, use_shared_rel_pos_bias=not per_block,
-                  drop_path_rate=cfg.drop_path, num_classes=num_classes, global_pool=cfg.global_pool)
-    model = timm.create_model(TIMM_NAME, pretrained=False, **kwargs)
+    img_size = cfg.img_size or arch["img_size"]
+    if framework == "mae":
+        kwargs = {**timm_vit_kwargs(arch), "img_size": img_size, "drop_path_rate": cfg.drop_path,
+                  "num_classes": num_classes, "global_pool": cfg.global_pool}
+    else:
+        kwargs = dict(img_size=img_size, patch_size=arch["patch_size"], embed_dim=arch["embed_dim"],
+                      depth=arch["depth"], num_heads=arch["num_heads"], init_values=arch["init_values"],
+                      use_abs_pos_emb=False, use_rel_pos_bias=per_block, use_shared_rel_pos_bias=not per_block,
+                      drop_path_rate=cfg.drop_path, num_classes=num_classes, global_pool=cfg.global_pool)
+    model = timm.create_model(TIMM_NAMES[framework], pretrained=False, **kwargs)
     report = {}
     if student is not None:
         state = student.encoder.state_dict()
-        if per_block:
-            state = shared_to_per_block(state, arch["depth"])
-        if kwargs["img_size"] != arch["img_size"]:  # resample the bias tables to the new grid, as timm does
-            from timm.models.beit import checkpoint_filter_fn
+        if framework == "mae":
+            if img_size != arch["img_size"]:  # resample the position embedding to the new grid, as timm does
+                from timm.models.vision_transformer import checkpoint_filter_fn
 
-            state = checkpoint_filter_fn(state, model)
+                state = checkpoint_filter_fn(state, model)
+        else:
+            if per_block:
+                state = shared_to_per_block(state, arch["depth"])
+            if img_size != arch["img_size"]:  # resample the bias tables to the new grid, as timm does
+                from timm.models.beit import checkpoint_filter_fn
+
+                state = checkpoint_filter_fn(state, model)
         own = model.state_dict()
         dropped = sorted(k for k in state if k not in own)
         missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
@@ -243,8 +273,8 @@ def finetune(cfg, dist_info=None):
     compat = {"timm_kwargs": {k: v for k, v in kwargs.items() if k != "drop_path_rate"}, "classes": classes}
     engine = Engine(cfg, model, ClassificationStep(cfg, len(classes)), KeyedDataset(train_set, cfg.seed), run_dir,
                     dist_info, kind="finetune", compat=compat, param_groups=groups,
-                    extra_state={"timm_model": TIMM_NAME, "timm_kwargs": kwargs, "classes": classes,
-                                 "data_stats": {"mean": list(mean), "std": list(std)}})
+                    extra_state={"timm_model": TIMM_NAMES[framework_of(student)], "timm_kwargs": kwargs,
+                                 "classes": classes, "data_stats": {"mean": list(mean), "std": list(std)}})
     resumed = engine.resume()
     if dist_info.is_main:
         import yaml

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SAMPLE_PHOTOS", "load_image", "sample_photo", "to_square_tensor", "patchify", "unpatchify"]
+__all__ = ["SAMPLE_PHOTOS", "load_image", "sample_photo", "to_square_tensor", "patchify", "unpatchify", "resize"]
 
 # Colour photos that ship inside scikit-image (no download needed).
 SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
@@ -49,10 +49,19 @@ def sample_photo(name: str, size: int = 224) -> torch.Tensor:
 
 
 def load_image(path: Union[str, Path], size: int = 224) -> torch.Tensor:
-    """An image file (or a ``skimage:NAME`` sample photo) as (3, size, size) in [0, 1]."""
+    """An image file, a ``skimage:NAME`` sample photo or ``fashion-mnist:N`` (image N of the test split)
+    as (3, size, size) in [0, 1]."""
     path = str(path)
     if path.startswith("skimage:"):
         return sample_photo(path.split(":", 1)[1], size)
+    if path.startswith("fashion-mnist:"):
+        from .data import FashionMNIST
+
+        index = path.split(":", 1)[1]
+        test = FashionMNIST(train=False)
+        if not index.isdigit() or int(index) >= len(test):
+            raise ValueError(f"{path}: give an index of the test split, 0 to {len(test) - 1}")
+        return to_square_tensor(test.data[int(index)].numpy(), size)
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -82,3 +91,13 @@ def unpatchify(tokens: torch.Tensor, patch: int, grid: Iterable[int], channels: 
     B = tokens.shape[0]
     x = tokens.reshape(B, h, w, patch, patch, channels)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, h * patch, w * patch)
+
+
+def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize of [0, 1] images (B, C, H, W) -> (B, C, *size), antialiased when shrinking,
+    clamped back to [0, 1]; the same tensor when the size already matches."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    shrink = size[0] < images.shape[-2] or size[1] < images.shape[-1]
+    out = F.interpolate(images, size=tuple(size), mode="bicubic", align_corners=False, antialias=shrink)
+    return out.clamp(0, 1)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .morph import Morph, gram, morph_from_gram, sample_schedule
 
-__all__ = ["DISTANCES", "token_distance", "dtm_loss", "DTMLoss"]
+__all__ = ["DISTANCES", "token_distance", "dtm_loss", "DTMLoss", "patch_mse", "zoom_in_mask_loss"]
 
 DISTANCES = ("smooth_l1", "l1", "l2", "cosine")
 
@@ -222,3 +222,44 @@ class DTMLoss(nn.Module):
             f"num_levels={self.num_levels}, scheduler={self.scheduler!r}, mode={self.mode!r}, "
             f"distance={self.distance!r}, beta={self.beta}"
         )
+
+
+# --------------------------------------------------------------------------- pixel reconstruction
+def patch_mse(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MAE's loss: pred, target (B, N, D), mask (B, N) bool -> the per-token MSE (mean over D) averaged over
+    the masked tokens (all tokens when ``mask`` is None)."""
+    per_token = (pred.float() - target.float()).pow(2).mean(dim=-1)
+    if mask is None:
+        return per_token.mean()
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp(min=1.0)
+
+
+def zoom_in_mask_loss(pred: torch.Tensor, view_target: torch.Tensor, mask: torch.Tensor, patch: int, grid: int,
+                      ring: int, ring_weight: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """The best practice's loss (method.md 2): masking plus zoom-in misalignment.
+
+    Args:
+        pred: (B, grid^2, p*p*3) predictions on the output grid, which covers the whole zoom-in view.
+        view_target: (B, (grid + 2 ring)^2, p*p*3) normalised patches of the clean view on its own patch
+            grid; its centre grid x grid patches are exactly the input frame's patches.
+        mask: (B, grid^2) bool, the input's masked tokens.
+        patch, grid, ring: patch side in pixels; input grid side and ring width, in patches.
+        ring_weight: weight of the border-ring term (0.2); the masked-token term gets 1 - ring_weight.
+
+    The prediction is mapped back to the view (area interpolation to the view's side) and cut into the
+    view's patches: the masked term is MAE's masked-token MSE on the centre (input-frame) patches; the
+    ring term adds the MSE of each of the four strips the input never saw.
+    Returns (loss, {"masked": ..., "ring": ...}).
+    """
+    from .degrade import output_to_view, view_regions
+    from .images import patchify
+
+    side = (grid + 2 * ring) * patch
+    view_pred = patchify(output_to_view(pred.float(), patch, (grid, grid), side), patch)
+    centre, strips = view_regions(grid, ring)
+    centre, strips = centre.to(pred.device), [s.to(pred.device) for s in strips]
+    masked = patch_mse(view_pred[:, centre], view_target[:, centre], mask)
+    border = sum(F.mse_loss(view_pred[:, s], view_target[:, s].float()) for s in strips)
+    loss = (1 - ring_weight) * masked + ring_weight * border
+    return loss, {"masked": float(masked.detach()), "ring": float(border.detach())}

@@ -11,10 +11,18 @@ import yaml
 from .config import PretrainConfig
 from .train import DistInfo, Engine, KeyedDataset, check_batch_layout, init_distributed, mix_seed, seed_all
 
-__all__ = ["run_dir_for", "build_student_and_teacher", "pretrain"]
+__all__ = ["run_dir_for", "decoder_shape", "build_student_and_teacher", "pretrain"]
 
 # Settings a checkpoint must share with the run that resumes it (the rest may change, e.g. max_steps).
-COMPAT_KEYS = ("model", "img_size", "patch_size", "depth", "teacher")
+COMPAT_KEYS = ("model", "img_size", "patch_size", "depth", "teacher", "framework", "objective")
+
+
+def decoder_shape(cfg: PretrainConfig) -> dict:
+    """framework=mae: decoder depth and width from the preset, with ``decoder_depth`` / ``decoder_dim`` on top."""
+    from .models import DECODER_PRESETS
+
+    depth, dim = DECODER_PRESETS[cfg.decoder]
+    return dict(decoder_depth=cfg.decoder_depth or depth, decoder_dim=cfg.decoder_dim or dim)
 
 
 def run_dir_for(cfg: PretrainConfig) -> Path:
@@ -24,7 +32,7 @@ def run_dir_for(cfg: PretrainConfig) -> Path:
 def build_student_and_teacher(cfg: PretrainConfig, device: torch.device, mean=None, std=None):
     """(student, teacher) on ``device``; ``mean``/``std`` normalise the student's input (data set stats)."""
     from .data import dataset_stats
-    from .models import create_student
+    from .models import create_mae_student, create_student
     from .teachers import build_teacher
 
     if mean is None or std is None:
@@ -35,13 +43,20 @@ def build_student_and_teacher(cfg: PretrainConfig, device: torch.device, mean=No
     kwargs = dict(cfg.teacher_kwargs)
     # pixel targets use the student's patch; a timm teacher keeps its own unless teacher_kwargs sets one
     patch_size = kwargs.pop("patch_size", cfg.patch_size if cfg.teacher == "pixels" else None)
+    if cfg.teacher == "pixels":
+        kwargs.setdefault("norm", cfg.pixel_norm)
     teacher = build_teacher(cfg.teacher, weights=cfg.teacher_weights, random_init=cfg.teacher_random_init,
                             input_size=cfg.teacher_input_size, normalization=cfg.teacher_normalization,
                             amp=cfg.precision != "fp32", amp_dtype=amp_dtype, patch_size=patch_size,
                             device=device, **kwargs)
-    student = create_student(cfg.model, target_dim=teacher.dim, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                             drop_path_rate=cfg.drop_path, init_values=cfg.layer_scale_init, mean=mean, std=std,
-                             depth=cfg.depth).to(device)
+    if cfg.framework == "mae":
+        student = create_mae_student(cfg.model, target_dim=teacher.dim, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                                     drop_path_rate=cfg.drop_path, mean=mean, std=std, depth=cfg.depth,
+                                     **decoder_shape(cfg)).to(device)
+    else:
+        student = create_student(cfg.model, target_dim=teacher.dim, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                                 drop_path_rate=cfg.drop_path, init_values=cfg.layer_scale_init, mean=mean, std=std,
+                                 depth=cfg.depth).to(device)
     student.grad_checkpointing = cfg.grad_checkpointing
     return student, teacher
 
@@ -49,19 +64,21 @@ def build_student_and_teacher(cfg: PretrainConfig, device: torch.device, mean=No
 def pretrain(cfg: PretrainConfig, dist_info: Optional[DistInfo] = None) -> dict:
     """Run (or resume) DTM pre-training as configured; returns the summary (also in summary.json)."""
     from .data import build_dataset, dataset_stats, pretrain_transform
-    from .objectives import DTMObjective
+    from .objectives import PretrainObjective, resolve_loss, view_side
 
     cfg.validate()
     dist_info = dist_info or init_distributed(cfg.device)
     run_dir = run_dir_for(cfg)
     check_batch_layout(cfg.batch_size, cfg.accum_steps, dist_info.world_size)  # before any data or model is built
+    # the loader crops the objective's view (the input side, or the larger zoom-in view); data before models
     dataset = build_dataset(cfg.data, train=True, on_error=cfg.on_bad_image,
-                            transform=pretrain_transform(cfg.img_size, (cfg.crop_scale_min, 1.0), cfg.color_jitter, cfg.hflip))
+                            transform=pretrain_transform(view_side(cfg), (cfg.crop_scale_min, 1.0), cfg.color_jitter,
+                                                         cfg.hflip))
     mean, std = dataset_stats(cfg.data)
     student, teacher = build_student_and_teacher(cfg, dist_info.device, mean, std)
-    objective = DTMObjective(teacher, student.grid, cfg)
-    keyed = KeyedDataset(dataset, cfg.seed, extra_fn=objective.mask_fn)
-    compat = {k: getattr(cfg, k) for k in COMPAT_KEYS} | {"target_dim": teacher.dim, "framework": "beit"}
+    objective = PretrainObjective(teacher, student.grid, cfg)
+    keyed = KeyedDataset(dataset, cfg.seed, extra_fn=objective.sample)
+    compat = {k: getattr(cfg, k) for k in COMPAT_KEYS} | {"target_dim": teacher.dim, "loss": resolve_loss(cfg)}
     engine = Engine(cfg, student, objective, keyed, run_dir, dist_info, kind="pretrain", compat=compat,
                     extra_state={"student_arch": student.arch, "student_size": cfg.model, "target_dim": teacher.dim,
                                  "data_stats": {"mean": list(mean), "std": list(std)}})
@@ -71,7 +88,8 @@ def pretrain(cfg: PretrainConfig, dist_info: Optional[DistInfo] = None) -> dict:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         n_params = sum(p.numel() for p in student.parameters())
         where = f"resuming from {resumed} (step {engine.step})" if resumed else "starting"
-        print(f"[tokenmorph] {where}: {cfg.name}, student {cfg.model} ({n_params / 1e6:.1f} M params, grid "
+        what = f"{cfg.framework} framework, objective {cfg.objective}, {resolve_loss(cfg)} loss"
+        print(f"[tokenmorph] {where}: {cfg.name} ({what}), student {cfg.model} ({n_params / 1e6:.1f} M params, grid "
               f"{student.grid[0]}x{student.grid[1]}), teacher {cfg.teacher} ({teacher.dim}-d), {len(dataset)} images, "
               f"{engine.total_steps} steps of {cfg.batch_size}, lr {engine.lr:.3g}, {dist_info.world_size} process(es) "
               f"on {dist_info.device}, output {run_dir}", flush=True)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .images import patchify
+from .images import patchify, resize
 
 __all__ = ["TEACHERS", "Teacher", "TeacherError", "build_teacher", "describe_teachers", "resample_tokens"]
 
@@ -63,15 +63,6 @@ def resample_tokens(features: torch.Tensor, grid: Tuple[int, int]) -> torch.Tens
         features = F.interpolate(features, size=(gh, gw), mode="bilinear", align_corners=False,
                                  antialias=gh < h or gw < w)
     return features.flatten(2).transpose(1, 2)
-
-
-def _resize(images: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize of [0, 1] images (antialiased when shrinking), clamped back to [0, 1]."""
-    if tuple(images.shape[-2:]) == tuple(size):
-        return images
-    shrink = size[0] < images.shape[-2] or size[1] < images.shape[-1]
-    out = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=shrink)
-    return out.clamp(0, 1)
 
 
 def _check_images(images: torch.Tensor, channels: int = 3) -> torch.Tensor:
@@ -126,7 +117,7 @@ class Teacher(nn.Module):
         images = _check_images(images)
         with torch.inference_mode():
             if self.input_size is not None:
-                images = _resize(images, (self.input_size, self.input_size))
+                images = resize(images, (self.input_size, self.input_size))
             x = (images - self._mean) / self._std
             with torch.autocast(images.device.type, dtype=self.amp_dtype, enabled=self.amp):
                 feats = self.features(x)
@@ -204,6 +195,19 @@ class EfficientNetLiteTeacher(Teacher):
         return x
 
 
+def patch_norm_stats(x: torch.Tensor, channels: int, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, scale), each broadcastable to patches x (B, N, p*p*C) in (p, q, c) order, with the target
+    ``(x - mean) / scale``: per channel, over its p*p pixels, scale = unbiased std + 1e-6 (Beyond Masking);
+    joint, over all p*p*C values, scale = sqrt(biased var + 1e-6) (MAE); none: (0, 1)."""
+    if norm == "per_channel":
+        c = x.unflatten(-1, (-1, channels))  # (B, N, p*p, C): statistics over the pixels
+        mean, scale = c.mean(dim=2, keepdim=True), c.std(dim=2, keepdim=True) + 1e-6
+        return mean.expand_as(c).flatten(2), scale.expand_as(c).flatten(2)
+    if norm == "joint":
+        return x.mean(dim=-1, keepdim=True), (x.var(dim=-1, unbiased=False, keepdim=True) + 1e-6) ** 0.5
+    return torch.zeros((), dtype=x.dtype, device=x.device), torch.ones((), dtype=x.dtype, device=x.device)
+
+
 class PixelTeacher(Teacher):
     """MAE-style pixel targets on the student's grid: one token per ``patch_size`` patch,
     ``patch_size ** 2 * in_chans`` values in :func:`tokenmorph.images.patchify` order (p, q, c).
@@ -223,15 +227,17 @@ class PixelTeacher(Teacher):
         p = self.patch_size
         images = _check_images(images, self.in_chans)
         with torch.no_grad():
-            x = patchify(_resize(images, (grid[0] * p, grid[1] * p)), p)  # (B, N, p*p*C)
-            if self.norm == "per_channel":
-                x = x.unflatten(-1, (p * p, self.in_chans))  # (B, N, p*p, C): statistics over the pixels
-                x = (x - x.mean(dim=2, keepdim=True)) / (x.std(dim=2, keepdim=True) + 1e-6)
-                x = x.flatten(2)
-            elif self.norm == "joint":
-                mean, var = x.mean(dim=-1, keepdim=True), x.var(dim=-1, unbiased=False, keepdim=True)
-                x = (x - mean) / (var + 1e-6) ** 0.5
-        return x
+            x = patchify(resize(images, (grid[0] * p, grid[1] * p)), p)  # (B, N, p*p*C)
+            mean, scale = patch_norm_stats(x, self.in_chans, self.norm)
+            return (x - mean) / scale
+
+    def unnormalize(self, pred: torch.Tensor, images: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """Predicted targets (B, N, p*p*C) back to pixels with the statistics of ``images``' patches (the
+        clean image of the predicted frame; what MAE's visualisation does) -> (B, N, p*p*C)."""
+        p = self.patch_size
+        x = patchify(resize(_check_images(images, self.in_chans), (grid[0] * p, grid[1] * p)), p)
+        mean, scale = patch_norm_stats(x, self.in_chans, self.norm)
+        return pred * scale + mean
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, dim={self.dim}, patch_size={self.patch_size}, norm={self.norm!r}"

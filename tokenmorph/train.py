@@ -154,7 +154,9 @@ def collate_keyed(batch: list) -> dict:
     images, labels, skipped = collate_skip([None if b is None else (b[0], b[1]) for b in batch])
     kept = [b for b in batch if b is not None]
     extra = None
-    if kept and kept[0][2] is not None:
+    if kept and isinstance(kept[0][2], dict):  # several per-sample tensors (a mask, degradation parameters)
+        extra = {k: torch.stack([torch.as_tensor(b[2][k]) for b in kept]) for k in kept[0][2]}
+    elif kept and kept[0][2] is not None:
         extra = torch.stack([torch.as_tensor(b[2]) for b in kept])
     return {"images": images, "labels": labels, "extra": extra, "skipped": skipped}
 
@@ -427,7 +429,13 @@ class Engine:
     def _to_device(self, batch: dict) -> dict:
         dev = self.dist.device
         nb = dev.type == "cuda"
-        return {k: v.to(dev, non_blocking=nb) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+        def move(v):
+            if isinstance(v, dict):
+                return {k: move(x) for k, x in v.items()}
+            return v.to(dev, non_blocking=nb) if torch.is_tensor(v) else v
+
+        return move(batch)
 
     def _all_reduce(self, value: float, op=None) -> float:
         if not self.dist.distributed:

@@ -23,7 +23,7 @@ from timm.models.beit import Beit
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["STUDENT_SIZES", "MaskedViTStudent", "create_student", "timm_beit_kwargs"]
+__all__ = ["STUDENT_SIZES", "StudentBase", "MaskedViTStudent", "create_student", "timm_beit_kwargs"]
 
 # size -> (embed_dim, depth, num_heads); tiny is DeiT-tiny's shape, for CPU-scale runs.
 STUDENT_SIZES = {
@@ -34,7 +34,47 @@ STUDENT_SIZES = {
 }
 
 
-class MaskedViTStudent(nn.Module):
+def encoder_shape(size: str, img_size: int, patch_size: int, embed_dim: Optional[int], depth: Optional[int],
+                  num_heads: Optional[int]) -> tuple[int, int, int]:
+    """(embed_dim, depth, num_heads) of a size name with overrides; ValueError for impossible shapes."""
+    if size not in STUDENT_SIZES:
+        raise ValueError(f"unknown student size {size!r}; choose one of {', '.join(STUDENT_SIZES)}")
+    if img_size % patch_size:
+        raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+    d, L, h = STUDENT_SIZES[size]
+    embed_dim, depth, num_heads = embed_dim or d, depth or L, num_heads or h
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+    return embed_dim, depth, num_heads
+
+
+class StudentBase(nn.Module):
+    """What both students share: a timm ``encoder`` (with ``patch_embed``), a ``mask_token``, input
+    normalisation buffers ``mean`` / ``std`` (images come in [0, 1]) and the grid properties."""
+
+    def _set_input_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.grad_checkpointing = False
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.encoder.patch_embed.grid_size)
+
+    @property
+    def num_patches(self) -> int:
+        return self.encoder.patch_embed.num_patches
+
+    @property
+    def embed_dim(self) -> int:
+        return self.encoder.embed_dim
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay (timm's convention, plus the mask token)."""
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"mask_token"}
+
+
+class MaskedViTStudent(StudentBase):
     """BEiT-style masked ViT with a token head.
 
     Args:
@@ -62,14 +102,7 @@ class MaskedViTStudent(nn.Module):
         num_heads: Optional[int] = None,
     ) -> None:
         super().__init__()
-        if size not in STUDENT_SIZES:
-            raise ValueError(f"unknown student size {size!r}; choose one of {', '.join(STUDENT_SIZES)}")
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        d, L, h = STUDENT_SIZES[size]
-        embed_dim, depth, num_heads = embed_dim or d, depth or L, num_heads or h
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        embed_dim, depth, num_heads = encoder_shape(size, img_size, patch_size, embed_dim, depth, num_heads)
         self.size = size
         self.arch = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                          num_heads=num_heads, init_values=init_values)
@@ -93,25 +126,7 @@ class MaskedViTStudent(nn.Module):
         self.head = nn.Linear(embed_dim, target_dim)
         trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.grad_checkpointing = False
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return tuple(self.encoder.patch_embed.grid_size)
-
-    @property
-    def num_patches(self) -> int:
-        return self.encoder.patch_embed.num_patches
-
-    @property
-    def embed_dim(self) -> int:
-        return self.encoder.embed_dim
-
-    def no_weight_decay(self) -> set[str]:
-        """Parameter names exempt from weight decay (timm's convention, plus the mask token)."""
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"mask_token"}
+        self._set_input_normalization(mean, std)
 
     def forward_features(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1], mask (B, N) bool (True = masked) -> (B, 1 + N, dim) after the final norm."""

@@ -1,0 +1,168 @@
+"""The MAE-framework student: a ViT encoder on the visible tokens only, and a light decoder.
+
+The encoder *is* timm's ``VisionTransformer`` (class token, qkv bias, LayerNorm eps 1e-6, no LayerScale)
+with fixed 2-D sin-cos position embeddings (a frozen ``pos_embed`` parameter, zero for the class token,
+as in MAE), so its ``state_dict`` loads into ``timm.create_model("vit_base_patch16_224", ...)`` for
+fine-tuning, where the position embedding becomes learnable again. Per sample, the masked tokens are
+dropped *before* the encoder (it costs ~25% of a full pass at a 75% ratio); the decoder embeds the
+visible latents, puts a shared mask token at every removed position, adds its own sin-cos position
+embedding and predicts ``target_dim`` values at every position of the output grid: normalised pixels
+of a patch, or a teacher's token.
+
+Decoder presets (method.md 2): ``release`` = 4 blocks x 384 (Beyond Masking), ``mae`` = 8 x 512.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from timm.layers import build_sincos2d_pos_embed, trunc_normal_
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .student import StudentBase, encoder_shape
+
+__all__ = ["DECODER_PRESETS", "MAEStudent", "create_mae_student", "timm_vit_kwargs", "keep_indices"]
+
+# preset -> (depth, width); heads = width / 32 (12 for 384, 16 for 512 as in MAE)
+DECODER_PRESETS = {"release": (4, 384), "mae": (8, 512)}
+
+
+def sincos_pos_embed(grid: Sequence[int], dim: int, cls_token: bool = True) -> torch.Tensor:
+    """(1, [1 +] h * w, dim) fixed 2-D sin-cos embedding (timm's), with a zero row for the class token."""
+    pe = build_sincos2d_pos_embed(list(grid), dim)
+    if cls_token:
+        pe = torch.cat([torch.zeros(1, dim), pe], dim=0)
+    return pe.unsqueeze(0)
+
+
+def keep_indices(mask: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool mask (True = removed), the same count per row -> (B, N_keep) indices of the visible
+    tokens in token order (a stable sort: no Python loop over the batch)."""
+    counts = mask.sum(dim=1)
+    if (counts != counts[0]).any():
+        raise ValueError(f"every sample must mask the same number of tokens, got {sorted(set(counts.tolist()))}")
+    n_keep = mask.shape[1] - int(counts[0])
+    return torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :n_keep]
+
+
+def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x (B, N, C), ids (B, K) -> (B, K, C)."""
+    return x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class MAEStudent(StudentBase):
+    """MAE-style masked autoencoder with a configurable decoder.
+
+    Args:
+        size: encoder size, "tiny" | "small" | "base" | "large" (or give embed_dim / depth / num_heads).
+        target_dim: values predicted per output token (p * p * 3 for pixels, D for a teacher).
+        img_size, patch_size: input side and patch side.
+        decoder_depth, decoder_dim, decoder_heads: decoder shape (heads default: dim / 32).
+        drop_path_rate: encoder stochastic depth (0 in MAE pre-training).
+        mean, std: input normalisation; ``forward`` takes images in [0, 1].
+    """
+
+    def __init__(
+        self,
+        size: str = "base",
+        target_dim: int = 768,
+        img_size: int = 224,
+        patch_size: int = 16,
+        decoder_depth: int = 4,
+        decoder_dim: int = 384,
+        decoder_heads: Optional[int] = None,
+        drop_path_rate: float = 0.0,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        depth: Optional[int] = None,
+        embed_dim: Optional[int] = None,
+        num_heads: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        embed_dim, depth, num_heads = encoder_shape(size, img_size, patch_size, embed_dim, depth, num_heads)
+        decoder_heads = decoder_heads or max(decoder_dim // 32, 1)
+        if decoder_dim % decoder_heads:
+            raise ValueError(f"decoder_dim {decoder_dim} is not divisible by its {decoder_heads} heads")
+        self.size = size
+        self.arch = dict(framework="mae", img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                         num_heads=num_heads, decoder_depth=decoder_depth, decoder_dim=decoder_dim,
+                         decoder_heads=decoder_heads)
+        self.encoder = VisionTransformer(**timm_vit_kwargs(self.arch), drop_path_rate=drop_path_rate)
+        grid = self.encoder.patch_embed.grid_size
+        self.encoder.pos_embed.data.copy_(sincos_pos_embed(grid, embed_dim))
+        self.encoder.pos_embed.requires_grad_(False)  # fixed, as in MAE (learnable again when fine-tuned)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(grid, decoder_dim), persistent=False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=_layer_norm)
+            for _ in range(decoder_depth))
+        self.decoder_norm = _layer_norm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, target_dim)
+        trunc_normal_(self.mask_token, std=0.02)
+        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)  # MAE's initialisation of every linear layer
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self._set_input_normalization(mean, std)
+
+    def _blocks(self, blocks, x: torch.Tensor) -> torch.Tensor:
+        for blk in blocks:
+            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and self.training else blk(x)
+        return x
+
+    def forward_features(self, images: torch.Tensor, ids_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1], ids_keep (B, K) visible token indices (None = all) ->
+        (B, 1 + K, dim) encoder latents after the final norm."""
+        enc = self.encoder
+        x = enc.patch_embed((images - self.mean) / self.std) + enc.pos_embed[:, 1:].to(images.dtype)
+        if ids_keep is not None:
+            x = _gather(x, ids_keep)
+        cls = (enc.cls_token + enc.pos_embed[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
+        x = self._blocks(enc.blocks, torch.cat([cls, x], dim=1))
+        return enc.norm(x)
+
+    def forward_decoder(self, latent: torch.Tensor, ids_keep: Optional[torch.Tensor]) -> torch.Tensor:
+        """latent (B, 1 + K, dim), ids_keep (B, K) -> (B, N, target_dim) for every token of the grid."""
+        x = self.decoder_embed(latent)
+        cls, vis = x[:, :1], x[:, 1:]
+        B, N, C = vis.shape[0], self.num_patches, vis.shape[-1]
+        if ids_keep is not None:
+            full = self.mask_token.to(vis.dtype).expand(B, N, C).clone()
+            full.scatter_(1, ids_keep.unsqueeze(-1).expand(-1, -1, C), vis)  # visible latents back in place
+            vis = full
+        x = torch.cat([cls, vis + self.decoder_pos_embed[:, 1:].to(vis.dtype)], dim=1)
+        x = self.decoder_norm(self._blocks(self.decoder_blocks, x))
+        return self.decoder_pred(x[:, 1:])
+
+    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1], optional (B, N) bool mask (True = removed, the same count per sample) ->
+        (B, N, target_dim) predictions at every position of the output grid."""
+        ids_keep = None
+        if mask is not None:
+            if mask.shape != (images.shape[0], self.num_patches):
+                raise ValueError(f"mask must be (B, N) = ({images.shape[0]}, {self.num_patches}), got {tuple(mask.shape)}")
+            if mask.any():
+                ids_keep = keep_indices(mask)
+        return self.forward_decoder(self.forward_features(images, ids_keep), ids_keep)
+
+
+def _layer_norm(dim: int, **kwargs) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=1e-6, **kwargs)
+
+
+def timm_vit_kwargs(arch: dict) -> dict:
+    """Keyword arguments for ``timm.create_model("vit_...")`` (or ``VisionTransformer(...)``) that give an
+    encoder whose state dict matches an MAE student's ``encoder`` key for key."""
+    return dict(img_size=arch["img_size"], patch_size=arch["patch_size"], embed_dim=arch["embed_dim"],
+                depth=arch["depth"], num_heads=arch["num_heads"], mlp_ratio=4.0, qkv_bias=True, class_token=True,
+                num_classes=0, global_pool="")  # timm's LayerNorm: eps 1e-6, as MAE
+
+
+def create_mae_student(size: str = "base", **kwargs) -> MAEStudent:
+    """Build an MAE-framework student by size name; see :class:`MAEStudent` for the keyword arguments."""
+    return MAEStudent(size=size, **kwargs)
