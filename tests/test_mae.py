@@ -200,6 +200,8 @@ def test_bench_objectives_cli():
     rows = {(x["framework"], x["objective"]): x for x in r["results"]}
     assert set(rows) == {("beit", "mask"), ("beit", "zoom_in_mask"), ("mae", "mask"), ("mae", "zoom_in_mask")}
     assert rows[("mae", "mask")]["step_vs_beit"] > 0 and rows[("mae", "zoom_in_mask")]["step_vs_mask"] > 0
+    # the benchmark runs the real objective: the best practice's two loss terms are there
+    assert {"masked", "ring", "loss"} <= set(rows[("mae", "zoom_in_mask")]["last_step_logs"])
     assert set(rows[("mae", "mask")]["phases_s"]) == {"teacher", "student_forward", "loss_and_degradation", "backward",
                                                       "optimizer"}
     bad = run_cli("bench", "pretrain", "--objective", "zoom", check=False)

@@ -265,17 +265,21 @@ def bench_pretrain(model: str = "small", teacher: str = "clip-vit-b16", random_i
 
 
 class _Timed:
-    """Wraps a callable and adds its wall time (device-synchronised) to ``phases[name]``."""
+    """Wraps a callable and adds its wall time (device-synchronised) to ``phases[phase]``; every other
+    attribute is the wrapped object's (a teacher's ``name``, ``dim``, ...)."""
 
-    def __init__(self, fn: Callable, name: str, phases: dict, sync: Callable) -> None:
-        self.fn, self.name, self.phases, self.sync = fn, name, phases, sync
+    def __init__(self, fn: Callable, phase: str, phases: dict, sync: Callable) -> None:
+        self._fn, self._phase, self._phases, self._sync = fn, phase, phases, sync
+
+    def __getattr__(self, name: str):
+        return getattr(self._fn, name)
 
     def __call__(self, *args, **kwargs):
-        self.sync()
+        self._sync()
         t0 = time.perf_counter()
-        out = self.fn(*args, **kwargs)
-        self.sync()
-        self.phases[self.name] = self.phases.get(self.name, 0.0) + time.perf_counter() - t0
+        out = self._fn(*args, **kwargs)
+        self._sync()
+        self._phases[self._phase] = self._phases.get(self._phase, 0.0) + time.perf_counter() - t0
         return out
 
 
@@ -301,6 +305,7 @@ def bench_objectives(frameworks: Sequence[str] = ("beit", "mae"), objectives: Se
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
     n = (img_size // patch_size) ** 2
+    frameworks, objectives = list(dict.fromkeys(frameworks)), list(dict.fromkeys(objectives))  # each once
     rows = []
     for framework in frameworks:
         for objective in objectives:
@@ -322,11 +327,14 @@ def bench_objectives(frameworks: Sequence[str] = ("beit", "mae"), objectives: Se
             obj.teacher = _Timed(t_model, "teacher", phases, sync)
             timed_student = _Timed(student, "student_forward", phases, sync)
 
+            logs: dict = {}
+
             def step(i: int) -> None:
                 sync()
                 t0 = time.perf_counter()
                 with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss, _ = obj(timed_student, batch, i)
+                    loss, step_logs = obj(timed_student, batch, i)
+                logs.update(step_logs, loss=float(loss.detach()))
                 sync()
                 t1 = time.perf_counter()
                 phases["forward"] = phases.get("forward", 0.0) + t1 - t0
@@ -354,7 +362,8 @@ def bench_objectives(frameworks: Sequence[str] = ("beit", "mae"), objectives: Se
             order = ("teacher", "student_forward", "loss_and_degradation", "backward", "optimizer")
             rows.append({"framework": framework, "objective": objective, "step_s": total / steps,
                          "images_per_second": batch_size * steps / total, "phases_s": {k: ph[k] for k in order},
-                         "params_trained": sum(p.numel() for p in student.parameters() if p.requires_grad)})
+                         "params_trained": sum(p.numel() for p in student.parameters() if p.requires_grad),
+                         "last_step_logs": dict(logs)})
             del student, t_model, obj, opt
     by = {(r["framework"], r["objective"]): r for r in rows}
     for r in rows:
