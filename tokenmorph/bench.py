@@ -299,7 +299,7 @@ def bench_objectives(frameworks: Sequence[str] = ("beit", "mae"), objectives: Se
     from .config import PretrainConfig
     from .objectives import PretrainObjective
     from .pretrain import build_student_and_teacher
-    from .train import collate_keyed
+    from .train import batch_to_device, collate_keyed
 
     dev = torch.device(device)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
@@ -319,9 +319,7 @@ def bench_objectives(frameworks: Sequence[str] = ("beit", "mae"), objectives: Se
             rng = np.random.default_rng(seed)
             side = obj.degradation.view_side
             images = torch.rand(batch_size, 3, side, side, generator=torch.Generator().manual_seed(seed))
-            batch = collate_keyed([(img, 0, obj.sample(rng)) for img in images])
-            batch = {k: ({kk: vv.to(dev) for kk, vv in v.items()} if isinstance(v, dict) else
-                         v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            batch = batch_to_device(collate_keyed([(img, 0, obj.sample(rng)) for img in images]), dev)
             opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
             phases: dict = {}
             obj.teacher = _Timed(t_model, "teacher", phases, sync)

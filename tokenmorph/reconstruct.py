@@ -64,7 +64,7 @@ def reconstruct(student, cfg, images, seed: int = 0, stats: str = "target") -> d
     from .images import patchify, unpatchify
     from .objectives import PretrainObjective
     from .teachers import PixelTeacher
-    from .train import mix_seed
+    from .train import batch_to_device, collate_keyed, mix_seed
 
     if stats not in ("visible", "target"):
         raise ValueError(f"stats must be 'visible' or 'target', got {stats!r}")
@@ -73,10 +73,10 @@ def reconstruct(student, cfg, images, seed: int = 0, stats: str = "target") -> d
     p = cfg.patch_size
     objective = PretrainObjective(PixelTeacher(p, norm), grid, cfg)
     rng = np.random.default_rng(seed)
-    extras = [objective.sample(rng) for _ in range(images.shape[0])]
-    extra = {k: torch.stack([torch.as_tensor(e[k]) for e in extras]).to(images.device) for k in extras[0]}
+    batch = batch_to_device(collate_keyed([(img, 0, objective.sample(rng)) for img in images]), images.device)
+    extra = dict(batch["extra"] or {})
     with torch.no_grad():
-        loss, _ = objective(student, {"images": images, "extra": dict(extra)}, 0)
+        loss, _ = objective(student, batch, 0)
         mask = extra.pop("mask").bool() if "mask" in extra else None
         params = {**extra, **objective.degradation.step_params(np.random.default_rng(mix_seed(cfg.seed, 0, 0xDE6)))}
         d = objective.degradation.apply(images, params)

@@ -161,6 +161,18 @@ def collate_keyed(batch: list) -> dict:
     return {"images": images, "labels": labels, "extra": extra, "skipped": skipped}
 
 
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """A :func:`collate_keyed` batch on ``device`` (nested dicts of extras included)."""
+    nb = device.type == "cuda"
+
+    def move(v):
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        return v.to(device, non_blocking=nb) if torch.is_tensor(v) else v
+
+    return move(batch)
+
+
 class StepBatchSampler(Sampler):
     """Yields this rank's micro-batches of ``(index, epoch)`` keys, from ``start_step`` to ``total_steps``.
 
@@ -427,15 +439,7 @@ class Engine:
         return wd
 
     def _to_device(self, batch: dict) -> dict:
-        dev = self.dist.device
-        nb = dev.type == "cuda"
-
-        def move(v):
-            if isinstance(v, dict):
-                return {k: move(x) for k, x in v.items()}
-            return v.to(dev, non_blocking=nb) if torch.is_tensor(v) else v
-
-        return move(batch)
+        return batch_to_device(batch, self.dist.device)
 
     def _all_reduce(self, value: float, op=None) -> float:
         if not self.dist.distributed:
