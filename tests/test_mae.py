@@ -10,7 +10,7 @@ import torch
 from tokenmorph.config import ConfigError, load_config
 from tokenmorph.degrade import OBJECTIVES
 from tokenmorph.models import DECODER_PRESETS, create_mae_student
-from tokenmorph.models.mae import keep_indices
+from tokenmorph.masking import RandomMask
 from tokenmorph.objectives import PretrainObjective, num_random_masked, resolve_loss, view_side
 
 from .helpers import final_weights, read_metrics, run_cli
@@ -32,13 +32,12 @@ def test_encoder_sees_only_visible_tokens_per_sample():
                            decoder_dim=64).eval()
     x = torch.rand(3, 3, 32, 32)
     mask = _random_masks(3, 64, 48)
-    ids = keep_indices(mask)
-    latent = m.forward_features(x, ids)
+    latent = m.forward_features(x, RandomMask.from_mask(mask))
     assert latent.shape == (3, 1 + 16, 192)
     enc = m.encoder
     tokens = enc.patch_embed((x - m.mean) / m.std) + enc.pos_embed[:, 1:]
     for b in range(3):
-        vis = tokens[b][~mask[b]]  # token order, as keep_indices
+        vis = tokens[b][~mask[b]]  # token order, as RandomMask.from_mask
         seq = torch.cat([enc.cls_token[0] + enc.pos_embed[0, :1], vis])[None]
         for blk in enc.blocks:
             seq = blk(seq)
@@ -60,7 +59,7 @@ def test_position_embeddings_are_fixed_sincos_and_presets():
     assert "encoder.pos_embed" not in names and "mask_token" in names
     assert DECODER_PRESETS == {"release": (4, 384), "mae": (8, 512)}
     with pytest.raises(ValueError, match="same number"):
-        keep_indices(torch.tensor([[True, False], [False, False]]))
+        RandomMask.from_mask(torch.tensor([[True, False], [False, False]]))
 
 
 @pytest.mark.parametrize("framework,objective", [("mae", o) for o in OBJECTIVES] + [("beit", "zoom_in_mask")])

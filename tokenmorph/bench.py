@@ -354,12 +354,12 @@ def bench_objectives(frameworks: Sequence[str] = ("beit", "mae"), objectives: Se
                 t0 = time.perf_counter()
                 step(i + 2)
                 times.append(time.perf_counter() - t0)
-            total = statistics.median(times) * steps  # the median step: robust to other jobs on shared cores
+            step_s = statistics.median(times)  # robust to other jobs on shared cores
             ph = {k: v / steps for k, v in phases.items()}
             ph["loss_and_degradation"] = ph.pop("forward") - ph["teacher"] - ph["student_forward"]
             order = ("teacher", "student_forward", "loss_and_degradation", "backward", "optimizer")
-            rows.append({"framework": framework, "objective": objective, "step_s": total / steps,
-                         "images_per_second": batch_size * steps / total, "phases_s": {k: ph[k] for k in order},
+            rows.append({"framework": framework, "objective": objective, "step_s": step_s,
+                         "images_per_second": batch_size / step_s, "phases_s": {k: ph[k] for k in order},
                          "params_trained": sum(p.numel() for p in student.parameters() if p.requires_grad),
                          "last_step_logs": dict(logs)})
             del student, t_model, obj, opt

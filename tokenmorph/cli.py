@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--random-init", action="store_true", help="random teacher weights (no download)")
     bp.add_argument("--teacher-weights", help="teacher weights file")
     bp.add_argument("--batch-size", type=int, default=16)
-    bp.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    bp.add_argument("--steps", type=int, default=3, help="timed steps after warm-up (one; two with --framework/--objective)")
     bp.add_argument("--device", default="cpu")
     bp.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     bp.add_argument("--img-size", type=int, default=224)

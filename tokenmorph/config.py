@@ -160,7 +160,9 @@ class PretrainConfig(EngineConfig):
             raise ConfigError("loss_on=masked does not apply to objective=zoom_in_mask: the masked tokens are input-frame "
                               "tokens and the student predicts the whole zoom-in view; use loss_on=all")
         if self.objective == "zoom_out":
-            content = self.zoom_out_content or round(self.img_size * 5 / 7)
+            from .degrade import default_zoom_out_content
+
+            content = self.zoom_out_content or default_zoom_out_content(self.img_size)
             if not self.img_size / 2 < content < self.img_size:
                 raise ConfigError(f"zoom_out_content={content} must lie between half of img_size={self.img_size} and "
                                   f"img_size (mirror padding reflects the content once)")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .images import resize, unpatchify
 
 __all__ = ["OBJECTIVES", "Degraded", "Degradation", "build_degradation", "zoom_in", "zoom_out", "radial_distort",
-           "random_blur", "decolorize", "output_to_view", "view_regions"]
+           "random_blur", "decolorize", "output_to_view", "view_regions", "default_zoom_out_content"]
 
 OBJECTIVES = ("mask", "zoom_in", "zoom_out", "distort", "blur", "decolorize", "zoom_in_mask")
 
@@ -116,6 +116,11 @@ def view_regions(grid: int, ring: int) -> tuple[torch.Tensor, list[torch.Tensor]
     strips = [torch.nonzero(rows < ring).squeeze(1), torch.nonzero(rows >= ring + grid).squeeze(1),
               torch.nonzero(inner_r & (cols < ring)).squeeze(1), torch.nonzero(inner_r & (cols >= ring + grid)).squeeze(1)]
     return centre, strips
+
+
+def default_zoom_out_content(img_size: int) -> int:
+    """Zoom-out content side: 5/7 of the canvas (160 at 224, method.md 2)."""
+    return round(img_size * 5 / 7)
 
 
 # ------------------------------------------------------------------------------------- objectives
@@ -214,7 +219,7 @@ class ZoomOut(Degradation):
     masked: bool = False
 
     def __post_init__(self):
-        self.content = self.content or round(self.img_size * 5 / 7)
+        self.content = self.content or default_zoom_out_content(self.img_size)
 
     def step_params(self, rng):
         slack = self.img_size - self.content  # offsets 0 .. slack - 1 (0-63 px at 224)

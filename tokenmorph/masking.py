@@ -15,7 +15,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-__all__ = ["BlockMasking", "block_mask", "RandomMask", "random_mask"]
+__all__ = ["BlockMasking", "block_mask", "RandomMask", "random_mask", "num_random_masked"]
 
 SeedLike = Union[None, int, np.random.Generator]
 
@@ -137,6 +137,17 @@ class RandomMask:
     ids_restore: torch.Tensor
     mask: torch.Tensor
 
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "RandomMask":
+        """From a (B, N) bool mask (True = removed) with the same count in every row, e.g. drawn in a data
+        loader; the visible tokens are kept in token order (a stable sort, no loop over the batch)."""
+        counts = mask.sum(dim=1)
+        if (counts != counts[0]).any():
+            raise ValueError(f"every sample must mask the same number of tokens, got {sorted(set(counts.tolist()))}")
+        ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # visible first, then removed
+        n_keep = mask.shape[1] - int(counts[0])
+        return cls(ids_shuffle[:, :n_keep], ids_shuffle.argsort(dim=1), mask)
+
     def keep(self, x: torch.Tensor) -> torch.Tensor:
         """Visible tokens: (B, N, C) -> (B, N_keep, C)."""
         return x.gather(1, self.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -159,7 +170,7 @@ def random_mask(
     """MAE random masking: each sample keeps ``int(N * (1 - mask_ratio))`` tokens chosen uniformly."""
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    n_keep = int(num_tokens * (1 - mask_ratio))
+    n_keep = num_tokens - num_random_masked(num_tokens, mask_ratio)
     rand_device = generator.device if generator is not None else device
     noise = torch.rand(batch_size, num_tokens, generator=generator, device=rand_device).to(device)
     ids_shuffle = noise.argsort(dim=1)
@@ -167,3 +178,8 @@ def random_mask(
     mask = torch.ones(batch_size, num_tokens, dtype=torch.bool, device=noise.device)
     mask[:, :n_keep] = False
     return RandomMask(ids_shuffle[:, :n_keep], ids_restore, mask.gather(1, ids_restore))
+
+
+def num_random_masked(num_tokens: int, mask_ratio: float) -> int:
+    """MAE's count of removed tokens: ``int(N * (1 - ratio))`` tokens stay visible."""
+    return num_tokens - int(num_tokens * (1 - mask_ratio))

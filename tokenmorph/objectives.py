@@ -22,7 +22,7 @@ import numpy as np
 
 from .degrade import build_degradation
 from .losses import DTMLoss, patch_mse, zoom_in_mask_loss
-from .masking import BlockMasking
+from .masking import BlockMasking, num_random_masked
 from .morph import effective_schedule
 from .train import mix_seed
 
@@ -54,11 +54,6 @@ def build_objective_degradation(cfg):
 def view_side(cfg) -> int:
     """Side of the crop the data loader makes for a config (the zoom-in view, else img_size)."""
     return build_objective_degradation(cfg).view_side
-
-
-def num_random_masked(num_tokens: int, mask_ratio: float) -> int:
-    """MAE's count: ``int(N * (1 - ratio))`` tokens stay visible."""
-    return num_tokens - int(num_tokens * (1 - mask_ratio))
 
 
 class PretrainObjective:
@@ -106,13 +101,20 @@ class PretrainObjective:
         return out
 
     def __call__(self, model, batch: dict, step: int):
+        d, mask = self.degrade(batch, step)
+        return self.loss(model(d.inputs, mask), d, mask, step)
+
+    def degrade(self, batch: dict, step: int):
+        """(:class:`~tokenmorph.degrade.Degraded`, (B, N) bool mask or None) of a batch at ``step``."""
         extra = dict(batch["extra"] or {})
         mask = extra.pop("mask", None)
         mask = mask.bool() if mask is not None else None
         # per-step parameters: one draw for the global batch, identical on every rank and on resume
         params = {**extra, **self.degradation.step_params(np.random.default_rng(mix_seed(self.seed, step, 0xDE6)))}
-        d = self.degradation.apply(batch["images"], params)
-        pred = model(d.inputs, mask)
+        return self.degradation.apply(batch["images"], params), mask
+
+    def loss(self, pred, d, mask, step: int):
+        """(loss, logs) of the student's prediction (B, N, target_dim) for :meth:`degrade`'s output."""
         # the mask marks input-frame tokens; a misaligned output frame has no masked tokens of its own
         out_mask = mask if self.degradation.aligned else None
         logs = {}

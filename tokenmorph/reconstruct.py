@@ -64,7 +64,7 @@ def reconstruct(student, cfg, images, seed: int = 0, stats: str = "target") -> d
     from .images import patchify, unpatchify
     from .objectives import PretrainObjective
     from .teachers import PixelTeacher
-    from .train import batch_to_device, collate_keyed, mix_seed
+    from .train import batch_to_device, collate_keyed
 
     if stats not in ("visible", "target"):
         raise ValueError(f"stats must be 'visible' or 'target', got {stats!r}")
@@ -74,13 +74,10 @@ def reconstruct(student, cfg, images, seed: int = 0, stats: str = "target") -> d
     objective = PretrainObjective(PixelTeacher(p, norm), grid, cfg)
     rng = np.random.default_rng(seed)
     batch = batch_to_device(collate_keyed([(img, 0, objective.sample(rng)) for img in images]), images.device)
-    extra = dict(batch["extra"] or {})
     with torch.no_grad():
-        loss, _ = objective(student, batch, 0)
-        mask = extra.pop("mask").bool() if "mask" in extra else None
-        params = {**extra, **objective.degradation.step_params(np.random.default_rng(mix_seed(cfg.seed, 0, 0xDE6)))}
-        d = objective.degradation.apply(images, params)
+        d, mask = objective.degrade(batch, 0)
         pred = student(d.inputs, mask).float()
+        loss, _ = objective.loss(pred, d, mask, 0)
     aligned = objective.degradation.aligned
     ring = 0 if aligned else objective.ring
     frame = d.target if aligned else d.view  # the frame drawn

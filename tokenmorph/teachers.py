@@ -231,14 +231,6 @@ class PixelTeacher(Teacher):
             mean, scale = patch_norm_stats(x, self.in_chans, self.norm)
             return (x - mean) / scale
 
-    def unnormalize(self, pred: torch.Tensor, images: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-        """Predicted targets (B, N, p*p*C) back to pixels with the statistics of ``images``' patches (the
-        clean image of the predicted frame; what MAE's visualisation does) -> (B, N, p*p*C)."""
-        p = self.patch_size
-        x = patchify(resize(_check_images(images, self.in_chans), (grid[0] * p, grid[1] * p)), p)
-        mean, scale = patch_norm_stats(x, self.in_chans, self.norm)
-        return pred * scale + mean
-
     def extra_repr(self) -> str:
         return f"name={self.name!r}, dim={self.dim}, patch_size={self.patch_size}, norm={self.norm!r}"
 

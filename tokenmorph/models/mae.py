@@ -21,9 +21,10 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..masking import RandomMask
 from .student import StudentBase, encoder_shape
 
-__all__ = ["DECODER_PRESETS", "MAEStudent", "create_mae_student", "timm_vit_kwargs", "keep_indices"]
+__all__ = ["DECODER_PRESETS", "MAEStudent", "create_mae_student", "timm_vit_kwargs"]
 
 # preset -> (depth, width); heads = width / 32 (12 for 384, 16 for 512 as in MAE)
 DECODER_PRESETS = {"release": (4, 384), "mae": (8, 512)}
@@ -35,21 +36,6 @@ def sincos_pos_embed(grid: Sequence[int], dim: int, cls_token: bool = True) -> t
     if cls_token:
         pe = torch.cat([torch.zeros(1, dim), pe], dim=0)
     return pe.unsqueeze(0)
-
-
-def keep_indices(mask: torch.Tensor) -> torch.Tensor:
-    """(B, N) bool mask (True = removed), the same count per row -> (B, N_keep) indices of the visible
-    tokens in token order (a stable sort: no Python loop over the batch)."""
-    counts = mask.sum(dim=1)
-    if (counts != counts[0]).any():
-        raise ValueError(f"every sample must mask the same number of tokens, got {sorted(set(counts.tolist()))}")
-    n_keep = mask.shape[1] - int(counts[0])
-    return torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :n_keep]
-
-
-def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """x (B, N, C), ids (B, K) -> (B, K, C)."""
-    return x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 class MAEStudent(StudentBase):
@@ -115,26 +101,23 @@ class MAEStudent(StudentBase):
             x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and self.training else blk(x)
         return x
 
-    def forward_features(self, images: torch.Tensor, ids_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """images (B, 3, H, W) in [0, 1], ids_keep (B, K) visible token indices (None = all) ->
+    def forward_features(self, images: torch.Tensor, keep: Optional[RandomMask] = None) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1], ``keep`` the K visible tokens of each sample (None = all) ->
         (B, 1 + K, dim) encoder latents after the final norm."""
         enc = self.encoder
         x = enc.patch_embed((images - self.mean) / self.std) + enc.pos_embed[:, 1:].to(images.dtype)
-        if ids_keep is not None:
-            x = _gather(x, ids_keep)
+        if keep is not None:
+            x = keep.keep(x)
         cls = (enc.cls_token + enc.pos_embed[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
         x = self._blocks(enc.blocks, torch.cat([cls, x], dim=1))
         return enc.norm(x)
 
-    def forward_decoder(self, latent: torch.Tensor, ids_keep: Optional[torch.Tensor]) -> torch.Tensor:
-        """latent (B, 1 + K, dim), ids_keep (B, K) -> (B, N, target_dim) for every token of the grid."""
+    def forward_decoder(self, latent: torch.Tensor, keep: Optional[RandomMask]) -> torch.Tensor:
+        """latent (B, 1 + K, dim) of the ``keep`` tokens -> (B, N, target_dim) for every token of the grid."""
         x = self.decoder_embed(latent)
         cls, vis = x[:, :1], x[:, 1:]
-        B, N, C = vis.shape[0], self.num_patches, vis.shape[-1]
-        if ids_keep is not None:
-            full = self.mask_token.to(vis.dtype).expand(B, N, C).clone()
-            full.scatter_(1, ids_keep.unsqueeze(-1).expand(-1, -1, C), vis)  # visible latents back in place
-            vis = full
+        if keep is not None:  # visible latents back in place, the mask token everywhere else
+            vis = keep.restore(vis, self.mask_token.reshape(-1))
         x = torch.cat([cls, vis + self.decoder_pos_embed[:, 1:].to(vis.dtype)], dim=1)
         x = self.decoder_norm(self._blocks(self.decoder_blocks, x))
         return self.decoder_pred(x[:, 1:])
@@ -142,13 +125,13 @@ class MAEStudent(StudentBase):
     def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1], optional (B, N) bool mask (True = removed, the same count per sample) ->
         (B, N, target_dim) predictions at every position of the output grid."""
-        ids_keep = None
+        keep = None
         if mask is not None:
             if mask.shape != (images.shape[0], self.num_patches):
                 raise ValueError(f"mask must be (B, N) = ({images.shape[0]}, {self.num_patches}), got {tuple(mask.shape)}")
             if mask.any():
-                ids_keep = keep_indices(mask)
-        return self.forward_decoder(self.forward_features(images, ids_keep), ids_keep)
+                keep = RandomMask.from_mask(mask)
+        return self.forward_decoder(self.forward_features(images, keep), keep)
 
 
 def _layer_norm(dim: int, **kwargs) -> nn.LayerNorm:
