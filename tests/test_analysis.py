@@ -9,20 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenmorph.analysis import (
+from tokenmorph.eval.consistency import (
     adjacent_cosine,
     adjacent_pairs,
-    build_feature_teacher,
-    default_groups,
     fit_linear_probe,
     num_adjacent_pairs,
     probe_metrics,
-    resolve_schedules,
-    schedule_text,
     token_consistency,
 )
+from tokenmorph.models.teachers import build_feature_source as build_feature_teacher
+from tokenmorph.ops.morph import default_groups, resolve_schedules, schedule_text
 from tokenmorph.morph import Morph, bipartite_morph, spread_schedule
-from tokenmorph.train import TrainingError
+from tokenmorph.errors import ConfigError
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
@@ -144,14 +142,14 @@ def test_schedules_from_group_counts():
     assert resolve_schedules(196, [196, 98], iterations=14) == [[0] * 14, [7] * 14]
     assert resolve_schedules(16, schedules=[[2, 2]]) == [[2, 2]]
     assert schedule_text([7] * 14) == "7x14" and schedule_text([11, 11, 10]) == "11x2,10" and schedule_text([0]) == "none"
-    with pytest.raises(TrainingError, match="out of range"):
+    with pytest.raises(ConfigError, match="out of range"):
         resolve_schedules(196, [1, 500])
 
 
 @pytest.mark.parametrize("name,kwargs", [("raw-pixels", {}), ("pixels", {}), ("efficientnet-lite0", {}),
                                          ("timm:resnet18", {"random_init": True})])
 def test_every_teacher_gives_tokens_on_the_grid(name, kwargs):
-    from tokenmorph.images import sample_photo
+    from tokenmorph.data import sample_photo
 
     images = torch.stack([sample_photo("coffee", 64), sample_photo("rocket", 64)])
     tokens = build_feature_teacher(name, patch_size=16, **kwargs)(images, (4, 4))

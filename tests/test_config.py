@@ -1,7 +1,7 @@
 """Configs: shipped files load, overrides are typed, every mistake is one clear line."""
 import pytest
 
-from tokenmorph.config import ConfigError, PretrainConfig, config_names, load_config, parse_overrides
+from tokenmorph.recipes.config import ConfigError, PretrainConfig, config_names, load_config, parse_overrides
 
 
 def test_shipped_configs_load_and_validate():
@@ -41,7 +41,7 @@ def test_overrides_are_typed():
         ("patch_size=5", "img_size=32 is not a multiple of patch_size=5"),
         ("drop_path=2", "drop_path=2.0 is above its maximum 1.0"),
         ("n_max=65", "n_max=65 exceeds the 64 patches"),
-        ("accum_steps=3", "batch_size=8 is not divisible by accum_steps=3"),
+        ("accum_steps=3", "batch_size=8 is not divisible by accum_steps x processes = 3 x 1"),
         ("hflip=maybe", "hflip='maybe' is not a valid bool"),
     ],
 )

@@ -161,7 +161,7 @@ def test_find_fashion_mnist_in_every_supported_place(monkeypatch):
     assert find_fashion_mnist() == DEBIAN_DIR
     assert find_fashion_mnist(DEBIAN_DIR) == DEBIAN_DIR
     assert find_fashion_mnist(DEBIAN_DIR.parent) == DEBIAN_DIR  # a folder holding fashion-mnist/
-    monkeypatch.setattr(data, "FASHION_MNIST_DIRS", ())
+    monkeypatch.setattr(data.fashion_mnist, "FASHION_MNIST_DIRS", ())
     monkeypatch.setenv("TOKENMORPH_DATA", str(DEBIAN_DIR.parent))
     assert find_fashion_mnist() == DEBIAN_DIR
     test = build_dataset("fashion-mnist", train=False)
@@ -171,7 +171,7 @@ def test_find_fashion_mnist_in_every_supported_place(monkeypatch):
 
 
 def test_missing_fashion_mnist_says_how_to_get_it(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "FASHION_MNIST_DIRS", (str(tmp_path / "nowhere"),))
+    monkeypatch.setattr(data.fashion_mnist, "FASHION_MNIST_DIRS", (str(tmp_path / "nowhere"),))
     monkeypatch.delenv("TOKENMORPH_DATA", raising=False)
     with pytest.raises(DataError) as err:
         FashionMNIST()
@@ -299,7 +299,7 @@ def test_decompression_bombs_are_rejected(tmp_path, monkeypatch):
         ImageFiles(tmp_path, on_error="raise")[0]
     # Our own bound is exact (PIL alone only warns up to twice its bound).
     Image.fromarray(photo("astronaut")).save(tmp_path / "bomb.png")
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 96 * 64 - 1)
+    monkeypatch.setattr(data.images, "MAX_IMAGE_PIXELS", 96 * 64 - 1)
     with pytest.raises(DataError, match="6144 pixels is over the limit of 6143"):
         ImageFiles(tmp_path, on_error="raise")[0]
 
@@ -424,9 +424,7 @@ def test_stats_by_source():
     assert dataset_stats("/some/photos") == DATASET_STATS["imagenet"]
 
 
-def test_default_crop_pct_rule_and_help_constant():
+def test_default_crop_pct_rule():
     from tokenmorph.data import TINY_IMAGE_SIDE, default_crop_pct
-    from tokenmorph.eval import features
 
-    assert features.TINY_IMAGE_SIDE == TINY_IMAGE_SIDE
     assert default_crop_pct(28) == 1.0 and default_crop_pct(TINY_IMAGE_SIDE) == 1.0 and default_crop_pct(224) == 0.875

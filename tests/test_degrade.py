@@ -8,14 +8,14 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from tokenmorph.config import PretrainConfig
-from tokenmorph.degrade import (build_degradation, decolorize, output_to_view, radial_distort, random_blur,
+from tokenmorph.recipes.config import PretrainConfig
+from tokenmorph.ops.degrade import (build_degradation, decolorize, output_to_view, radial_distort, random_blur,
                                 view_regions, zoom_in, zoom_out)
-from tokenmorph.images import sample_photo
+from tokenmorph.data import sample_photo
 from tokenmorph.losses import zoom_in_mask_loss
-from tokenmorph.objectives import PretrainObjective, build_objective_degradation, num_random_masked
-from tokenmorph.teachers import PixelTeacher
-from tokenmorph.train import collate_keyed
+from tokenmorph.recipes.objectives import PretrainObjective, build_objective_degradation, num_random_masked
+from tokenmorph.models.teachers import PixelTeacher
+from tokenmorph.runtime.sampling import collate_keyed
 
 
 # ------------------------------------------------------------------------------ independent helpers

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from tokenmorph.backbone import load_backbone
+from tokenmorph.hub.backbone import load_backbone
 from tokenmorph.cli import main
 from tokenmorph.data import DataError, find_fashion_mnist
-from tokenmorph.eval.features import build_eval_datasets, extract_features
+from tokenmorph.eval.features import EvalData, build_eval_datasets, extract_features
 from tokenmorph.eval.knn import knn_classify
 from tokenmorph.eval.linear import linear_probe
 
@@ -177,8 +177,7 @@ def test_linear_cli_on_fashion_mnist(smoke_run, capsys):
 
 @needs_fashion_mnist
 def test_limit_is_a_seeded_random_subset():
-    args = argparse.Namespace(dataset="fashion-mnist", train=None, val=None, crop_pct=None, limit_train=300,
-                              limit_val=None, seed=0)
+    args = EvalData(dataset="fashion-mnist", limit_train=300)
     train, val, num_classes = build_eval_datasets(args, 32)
     again, _, _ = build_eval_datasets(args, 32)
     assert len(train) == 300 and len(val) == 10_000 and num_classes == 10

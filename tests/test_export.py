@@ -14,11 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokenmorph.backbone import student_from_checkpoint
-from tokenmorph.export import export_encoder
-from tokenmorph.images import sample_photo
+from tokenmorph.models import student_from_checkpoint
+from tokenmorph.hub.export import export_encoder
+from tokenmorph.data import sample_photo
 from tokenmorph.models import create_student
-from tokenmorph.train import CHECKPOINT_FORMAT, TrainingError
+from tokenmorph.errors import TokenmorphError
+from tokenmorph.runtime.checkpoints import CHECKPOINT_FORMAT
 
 from .test_cli import run_cli
 
@@ -188,7 +189,7 @@ def test_errors_are_one_line(tmp_path, capsys):
         assert main(["export", str(src), str(tmp_path / "enc.safetensors")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("tokenmorph: error:") and message in err, err
-    with pytest.raises(TrainingError, match=r"\.safetensors"):
+    with pytest.raises(TokenmorphError, match=r"\.safetensors"):
         export_encoder(finetune, tmp_path / "enc.pt")
     assert not (tmp_path / "enc.safetensors").exists()
 
@@ -281,14 +282,14 @@ def test_mae_recipe_of_every_size_matches_the_encoder(size, tmp_path):
     """Keys and shapes of an MAE student's encoder (built on the meta device: no memory) == the recipe's ViT."""
     from timm.models.vision_transformer import VisionTransformer
 
-    from tokenmorph.export import _check_loadable, timm_spec
-    from tokenmorph.models import STUDENT_SIZES, timm_vit_kwargs
+    from tokenmorph.hub.export import _check_loadable, timm_spec
+    from tokenmorph.models import STUDENT_SIZES, timm_encoder_kwargs
 
     d, L, h = STUDENT_SIZES[size]
     arch = dict(framework="mae", img_size=224, patch_size=16, embed_dim=d, depth=L, num_heads=h, decoder_depth=4,
                 decoder_dim=384, decoder_heads=12)
     with torch.device("meta"):
-        state = VisionTransformer(**timm_vit_kwargs(arch)).state_dict()
+        state = VisionTransformer(**timm_encoder_kwargs(arch, num_classes=0, global_pool="")).state_dict()
     for pool in ("avg", "token", ""):
         name, kwargs = timm_spec(arch, pool, (0.5,) * 3, (0.5,) * 3)
         assert name == ("vit_large_patch16_224" if size == "large" else "vit_base_patch16_224")

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from tokenmorph.backbone import student_from_checkpoint
-from tokenmorph.config import load_config, parse_overrides
-from tokenmorph.finetune import build_model, posterize, shared_to_per_block
-from tokenmorph.train import latest_checkpoint, load_checkpoint
+from tokenmorph.models import student_from_checkpoint
+from tokenmorph.recipes.config import load_config, parse_overrides
+from tokenmorph.recipes.finetune import build_model, posterize, shared_to_per_block
+from tokenmorph.runtime.checkpoints import latest_checkpoint, load_checkpoint
 
 from .helpers import final_weights, read_metrics, run_cli
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from tokenmorph.config import ConfigError, load_config
-from tokenmorph.degrade import OBJECTIVES
+from tokenmorph.recipes.config import ConfigError, load_config
+from tokenmorph.ops.degrade import OBJECTIVES
 from tokenmorph.models import DECODER_PRESETS, create_mae_student
 from tokenmorph.masking import RandomMask
-from tokenmorph.objectives import PretrainObjective, num_random_masked, resolve_loss, view_side
+from tokenmorph.recipes.objectives import PretrainObjective, num_random_masked, resolve_loss, view_side
 
 from .helpers import final_weights, read_metrics, run_cli
 
@@ -65,7 +65,7 @@ def test_position_embeddings_are_fixed_sincos_and_presets():
 @pytest.mark.parametrize("framework,objective", [("mae", o) for o in OBJECTIVES] + [("beit", "zoom_in_mask")])
 def test_objective_masks_and_shapes(framework, objective):
     cfg = load_config("smoke", {"framework": framework, "objective": objective, "teacher": "pixels"})
-    from tokenmorph.teachers import build_teacher
+    from tokenmorph.models.teachers import build_teacher
 
     teacher = build_teacher("pixels", patch_size=4)
     obj = PretrainObjective(teacher, (8, 8), cfg)
@@ -114,7 +114,7 @@ def test_every_objective_pretrains(photo_dir, tmp_path, objective):
         assert all("masked" in r and "ring" in r for r in records)
     ckpt = final_weights(out)
     assert ckpt["student_arch"]["framework"] == "mae" and ckpt["compat"]["objective"] == objective
-    from tokenmorph.backbone import load_backbone
+    from tokenmorph.hub.backbone import load_backbone
 
     bb = load_backbone(str(out))
     assert bb.features(torch.rand(2, 3, 32, 32)).shape == (2, 192)
@@ -168,9 +168,9 @@ def test_viz_reconstruct(photo_dir, tmp_path):
 def test_reconstruct_statistics(photo_dir, tmp_path):
     """The prediction turned into pixels: a perfect prediction gives back the target with 'target'
     statistics; with 'visible' statistics the visible patches are exact as well."""
-    from tokenmorph.images import load_image
-    from tokenmorph.reconstruct import reconstruct
-    from tokenmorph.teachers import build_teacher
+    from tokenmorph.data import load_image
+    from tokenmorph.eval.reconstruct import reconstruct
+    from tokenmorph.models.teachers import build_teacher
 
     cfg = load_config("smoke", {"framework": "mae", "objective": "mask", "teacher": "pixels"})
     teacher = build_teacher("pixels", patch_size=4)
@@ -210,7 +210,7 @@ def test_bench_objectives_cli():
 def test_misaligned_objective_never_masks_output_tokens():
     """zoom_in_mask with teacher tokens: MSE / DTM over the whole output frame (the input mask marks
     input-frame tokens), and loss_on=masked is refused."""
-    from tokenmorph.teachers import build_teacher
+    from tokenmorph.models.teachers import build_teacher
 
     with pytest.raises(ConfigError, match="loss_on=masked does not apply"):
         load_config("smoke", {"objective": "zoom_in_mask", "loss_on": "masked"})

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import torch
 
-from tokenmorph.models import create_student, timm_beit_kwargs
+from tokenmorph.models import create_student, timm_encoder_kwargs
 
 from .helpers import final_weights, read_metrics, run_cli
 
@@ -38,7 +38,7 @@ def test_smoke_run_writes_everything(photo_dir, tmp_path):
 
     student = create_student("tiny", target_dim=ckpt["target_dim"], img_size=32, patch_size=4, depth=2)
     student.load_state_dict(ckpt["model"])
-    enc = timm.create_model("beit_base_patch16_224", num_classes=0, global_pool="", **timm_beit_kwargs(student))
+    enc = timm.create_model("beit_base_patch16_224", num_classes=0, global_pool="", **timm_encoder_kwargs(student.arch))
     enc.load_state_dict({k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")})
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenmorph.images import patchify, sample_photo
-from tokenmorph.teachers import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, TEACHERS, TeacherError, build_teacher,
+from tokenmorph.data import sample_photo
+from tokenmorph.ops.patches import patchify
+from tokenmorph.models.teachers import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, TEACHER_NAMES, TEACHERS, TeacherError, build_teacher,
                                  describe_teachers)
 
 
@@ -218,7 +219,7 @@ def test_pixels_equal_numpy_on_a_photo():
     img = sample_photo("astronaut", 224)
     per_channel = build_teacher("pixels")
     joint = build_teacher("pixels", norm="joint")
-    assert per_channel.dim == joint.dim == 768 and TEACHERS[2] == "pixels"
+    assert per_channel.dim == joint.dim == 768 and list(TEACHERS)[2] == "pixels"
     a, b = per_channel(img[None], (14, 14)), joint(img[None], (14, 14))
     assert a.shape == (1, 196, 768)
     arr = img.double().numpy()
@@ -271,4 +272,4 @@ def test_options_and_errors():
         build_teacher("pixels", norm="l2")
     with pytest.raises(TeacherError, match="cannot build timm model"):
         build_teacher("timm:resnet18", random_init=True, no_such_kwarg=1)
-    assert all(name.split(":")[0] in describe_teachers() for name in TEACHERS)
+    assert all(name.split(":")[0] in describe_teachers() for name in TEACHER_NAMES)

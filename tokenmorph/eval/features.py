@@ -1,57 +1,48 @@
-"""What every evaluation program shares: the data flags, the data sets, frozen-feature extraction, the report.
+"""What every frozen-feature evaluation shares: the data sets, feature extraction, scoring, the report.
 
-* ``extract_features(backbone, dataset)``: one pass of a frozen backbone over a data set ->
+* :class:`EvalData`: which labelled data to evaluate on (``fashion-mnist``, or ImageFolder train/val trees,
+  optional seeded subsets); :func:`build_eval_datasets` turns it into data sets.
+* :func:`extract_features`: one pass of a frozen backbone over a data set ->
   ``Features(features (N, D) float32, labels (N,) int64, num_skipped)``, into preallocated CPU tensors.
-* ``add_common_arguments(parser)`` / ``build_eval_datasets(args, img_size)``: ``--checkpoint``, ``--dataset
-  fashion-mnist`` or ``--train DIR --val DIR`` (ImageFolder trees), ``--limit-train/--limit-val``, ...
-* ``extract_eval_features(args)``: backbone + both splits' features + a record of what was evaluated.
-* ``emit_report(title, header, rows, result, out)``: a small table, then the result as ONE JSON object on
-  the last line of stdout.
-
-torch is imported inside the functions that need it, so that the program modules' argument parsers (built
-for ``tokenmorph --help``) stay light.
+* :func:`extract_eval_features`: backbone + both splits' features + a record of what was evaluated.
+* :func:`emit_report`: a small table, then the result as ONE JSON object on the last line of stdout.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
-if TYPE_CHECKING:  # annotations only
-    import torch
-    from torch.utils.data import Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset
 
-    from ..backbone import Backbone
+from ..data import (IMAGE_EXTENSIONS, DataError, FashionMNIST, ImageFiles, collate_skip, default_crop_pct,
+                    eval_transform, seeded_subset)
+from ..hub.backbone import Backbone, load_backbone
+from ..runtime.distributed import resolve_device
 
-__all__ = ["Features", "extract_features", "add_common_arguments", "build_eval_datasets", "extract_eval_features",
-           "resolve_amp", "positive", "positive_list", "emit_report", "topk_correct"]
-
-# The value of tokenmorph.data.TINY_IMAGE_SIDE (the rule is data.default_crop_pct), repeated here only for
-# the --help text, so that building the parser does not import torch.
-TINY_IMAGE_SIDE = 64
+__all__ = ["Features", "EvalData", "extract_features", "build_eval_datasets", "extract_eval_features", "resolve_amp",
+           "emit_report", "topk_correct"]
 
 
 class Features(NamedTuple):
     """Frozen features of a data set: ``features`` (N, D) float32 and ``labels`` (N,) int64 on the CPU, in
     data set order; ``num_skipped`` undecodable images left out (N = len(dataset) - num_skipped)."""
 
-    features: "torch.Tensor"
-    labels: "torch.Tensor"
+    features: torch.Tensor
+    labels: torch.Tensor
     num_skipped: int
 
 
 def resolve_amp(amp: Optional[bool], device) -> bool:
-    """``None`` -> bf16 autocast on CUDA only: on this project's CPUs it was no faster than fp32 for ViT
-    features (0.70 vs 0.65 s per 256 images) and only costs precision."""
-    import torch
-
+    """``None`` -> bf16 autocast on CUDA only (on a CPU it was measured no faster than fp32 for ViT features,
+    and only costs precision)."""
     return torch.device(device).type == "cuda" if amp is None else bool(amp)
 
 
-def extract_features(backbone: "Backbone", dataset: "Dataset", batch_size: int = 256, pool: str = "cls",
+def extract_features(backbone: Backbone, dataset: Dataset, batch_size: int = 256, pool: str = "cls",
                      num_workers: int = 0, device=None, amp: Optional[bool] = None, progress: bool = True,
                      desc: str = "features") -> Features:
     """Run a frozen backbone over ``dataset`` once, in order.
@@ -70,11 +61,7 @@ def extract_features(backbone: "Backbone", dataset: "Dataset", batch_size: int =
         ``Features``: (N, D) float32 features and (N,) int64 labels on the CPU. Memory is bounded by the
         output itself: it is allocated once and filled batch by batch.
     """
-    import torch
-    from torch.utils.data import DataLoader
     from tqdm import tqdm
-
-    from ..data import collate_skip
 
     if device is None:
         device = next(backbone.model.parameters()).device
@@ -103,70 +90,25 @@ def extract_features(backbone: "Backbone", dataset: "Dataset", batch_size: int =
 
 
 # ------------------------------------------------------------------------------------------ data
-def positive(kind=int):
-    """argparse ``type=``: ``kind(text)``, refused unless > 0."""
-    def convert(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not value > 0:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {kind.__name__}")
-        return value
+@dataclass
+class EvalData:
+    """Labelled evaluation data: ``dataset`` (``fashion-mnist[:DIR]``: its train split is the train set, its test
+    split the val set) or ``train`` and ``val`` (ImageFolder trees with the same class sub-folders); the
+    evaluation view's ``crop_pct`` (default: 0.875, or 1.0 for tiny images); seeded subsets of ``limit_train``
+    / ``limit_val`` images (``seed``, and ``seed + 1`` for val)."""
 
-    return convert
-
-
-def positive_list(kind=int):
-    """argparse ``type=``: ``"1e-3,0.01"`` -> ``[0.001, 0.01]``, every item a positive ``kind``."""
-    item = positive(kind)
-
-    def convert(text: str) -> list:
-        values = [item(v) for v in text.split(",") if v.strip()]
-        if not values:
-            raise argparse.ArgumentTypeError(f"{text!r} is an empty list")
-        return values
-
-    return convert
+    dataset: Optional[str] = None
+    train: Optional[str] = None
+    val: Optional[str] = None
+    crop_pct: Optional[float] = None
+    limit_train: Optional[int] = None
+    limit_val: Optional[int] = None
+    seed: int = 0
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags every evaluation program takes: backbone, data, extraction, output."""
-    g = parser.add_argument_group("backbone")
-    g.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="a pretrain checkpoint file, a run folder (its newest checkpoint), or timm:NAME")
-    g.add_argument("--random-init", action="store_true", help="timm:NAME with random weights (no download)")
-    g.add_argument("--img-size", type=positive(int), help="timm:NAME input side (default: the model's)")
-    g.add_argument("--pool", choices=["cls", "mean"], default="cls",
-                   help="feature: the CLS token, or the mean of the patch tokens (default cls)")
-    d = parser.add_argument_group("data: --dataset fashion-mnist, or --train DIR --val DIR")
-    d.add_argument("--dataset", metavar="NAME",
-                   help="fashion-mnist[:DIR]: its train split is the train set, its test split the val set")
-    d.add_argument("--train", metavar="DIR", help="ImageFolder tree DIR/CLASS/IMAGE of training images")
-    d.add_argument("--val", metavar="DIR", help="ImageFolder tree of validation images (the same classes)")
-    d.add_argument("--crop-pct", type=positive(float),
-                   help="centre-crop fraction of the evaluation view (default 0.875; 1.0, a plain resize, when the "
-                        f"images' short side is at most {TINY_IMAGE_SIDE} px, e.g. Fashion-MNIST)")
-    d.add_argument("--limit-train", type=positive(int), metavar="N",
-                   help="use N training images: a random subset drawn with --seed, the same in every run")
-    d.add_argument("--limit-val", type=positive(int), metavar="N", help="use N validation images (as --limit-train)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the --limit-* subsets and of any training (default 0)")
-    r = parser.add_argument_group("running")
-    r.add_argument("--batch-size", type=positive(int), default=256, help="feature extraction batch (default 256)")
-    r.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="data loader workers (default min(4, CPUs))")
-    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    r.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="feature extraction: bf16 autocast or fp32 (auto: bf16 on CUDA, fp32 on CPU)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("--out", metavar="FILE.json", help="also write the result JSON here")
-
-
-def _short_side(dataset: "Dataset") -> int:
+def _short_side(dataset: Dataset) -> int:
     """Short side of a data set's images: Fashion-MNIST's array shape, or the first file's header."""
     from PIL import Image
-
-    from ..data import FashionMNIST
 
     if isinstance(dataset, FashionMNIST):
         return min(dataset.data.shape[1:])
@@ -176,8 +118,6 @@ def _short_side(dataset: "Dataset") -> int:
 
 def _check_labelled_tree(flag: str, root: Path) -> None:
     """``DataError`` unless ``root`` is an ImageFolder tree: images in class sub-folders, none at the top."""
-    from ..data import IMAGE_EXTENSIONS, DataError
-
     if not root.is_dir():
         raise DataError(f"{flag} {root} {'is not a folder' if root.exists() else 'does not exist'}")
     flat = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
@@ -187,29 +127,15 @@ def _check_labelled_tree(flag: str, root: Path) -> None:
                         f"needs an ImageFolder tree {root}/CLASS/IMAGE, one sub-folder per class")
 
 
-def _subset(dataset: "Dataset", limit: Optional[int], seed: int) -> "Dataset":
-    """A seeded random subset of ``limit`` items, kept in data set order (random, not the first N: those of a
-    class-sorted tree would be a few classes only); the whole data set when ``limit`` is None or not smaller."""
-    import torch
-    from torch.utils.data import Subset
-
-    if limit is None or limit >= len(dataset):
-        return dataset
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
-    return Subset(dataset, order.sort().values.tolist())
-
-
-def build_eval_datasets(args: argparse.Namespace, img_size: int) -> tuple["Dataset", "Dataset", int]:
-    """``(train_ds, val_ds, num_classes)`` from the common data flags, items ``(image (3, img_size, img_size)
-    in [0, 1], label)`` through ``tokenmorph.data.eval_transform``.
+def build_eval_datasets(args: EvalData, img_size: int) -> tuple[Dataset, Dataset, int]:
+    """``(train_ds, val_ds, num_classes)`` of :class:`EvalData`, items ``(image (3, img_size, img_size) in
+    [0, 1], label)`` through ``tokenmorph.data.eval_transform``.
 
     ``--dataset fashion-mnist[:DIR]``: train and test splits of ``FashionMNIST``. ``--train DIR --val DIR``:
     ImageFolder trees (labels from the class sub-folders). ``--crop-pct`` defaults to 0.875, or 1.0 when the
     images are tiny (short side <= ``TINY_IMAGE_SIDE``). Raises ``DataError`` for missing or conflicting
     flags, folders without class sub-folders, fewer than 2 classes, or train/val class lists that differ.
     """
-    from ..data import DataError, FashionMNIST, ImageFiles, default_crop_pct, eval_transform
-
     if args.dataset and (args.train or args.val):
         raise DataError("give either --dataset or --train DIR --val DIR, not both")
     if args.dataset:
@@ -239,35 +165,37 @@ def build_eval_datasets(args: argparse.Namespace, img_size: int) -> tuple["Datas
         train_ds.transform = val_ds.transform = eval_transform(img_size, crop_pct)
     except ValueError as e:
         raise DataError(f"--crop-pct: {e}") from None
-    return (_subset(train_ds, args.limit_train, args.seed), _subset(val_ds, args.limit_val, args.seed + 1),
-            len(train_ds.classes))
+    return (seeded_subset(train_ds, args.limit_train, torch.Generator().manual_seed(args.seed)),
+            seeded_subset(val_ds, args.limit_val, torch.Generator().manual_seed(args.seed + 1)), len(train_ds.classes))
 
 
-def extract_eval_features(args: argparse.Namespace) -> tuple[Features, Features, dict]:
-    """Load the backbone of the common flags, extract train and val features once.
+def extract_eval_features(checkpoint: str, data: EvalData, *, pool: str = "cls", batch_size: int = 256,
+                          num_workers: int = 0, device: str = "auto", precision: str = "auto", progress: bool = True,
+                          random_init: bool = False, img_size: Optional[int] = None,
+                          ) -> tuple[Features, Features, dict]:
+    """Load the backbone ``checkpoint`` (see :func:`tokenmorph.hub.backbone.load_backbone`), extract the train
+    and val features of ``data`` once.
+
+    ``precision``: ``auto`` (bf16 autocast on CUDA, fp32 on a CPU), ``bf16`` or ``fp32``. ``random_init`` and
+    ``img_size`` apply to ``timm:NAME`` backbones.
 
     Returns ``(train, val, info)``: the two :class:`Features` (on the CPU) and a JSON-ready record (backbone,
     num_train, num_val, num_classes, feature_dim, pool, skipped images, device, precision, and
     ``extract_seconds``: loading the backbone and data included).
     """
-    from ..backbone import load_backbone
-    from ..data import DataError
-    from ..train import resolve_device
-
-    device = resolve_device(args.device)
+    device = resolve_device(device)
     start = time.perf_counter()
-    backbone = load_backbone(args.checkpoint, device, random_init=args.random_init, img_size=args.img_size)
-    train_ds, val_ds, num_classes = build_eval_datasets(args, backbone.img_size)
-    amp = {"auto": None, "bf16": True, "fp32": False}[args.precision]
-    common = dict(batch_size=args.batch_size, pool=args.pool, num_workers=args.num_workers, device=device,
-                  amp=amp, progress=not args.no_progress)
+    backbone = load_backbone(checkpoint, device, random_init=random_init, img_size=img_size)
+    train_ds, val_ds, num_classes = build_eval_datasets(data, backbone.img_size)
+    amp = {"auto": None, "bf16": True, "fp32": False}[precision]
+    common = dict(batch_size=batch_size, pool=pool, num_workers=num_workers, device=device, amp=amp, progress=progress)
     train = extract_features(backbone, train_ds, desc="train features", **common)
     val = extract_features(backbone, val_ds, desc="val features", **common)
     for split, f in (("train", train), ("val", val)):
         if len(f.labels) == 0:
             raise DataError(f"no {split} image could be decoded ({f.num_skipped} skipped)")
     info = {"backbone": backbone.name, "num_train": len(train.labels), "num_val": len(val.labels),
-            "num_classes": num_classes, "feature_dim": backbone.embed_dim, "pool": args.pool,
+            "num_classes": num_classes, "feature_dim": backbone.embed_dim, "pool": pool,
             "skipped_images": train.num_skipped + val.num_skipped, "device": str(device),
             "precision": "bf16" if resolve_amp(amp, device) else "fp32",
             "extract_seconds": round(time.perf_counter() - start, 3)}
@@ -275,7 +203,7 @@ def extract_eval_features(args: argparse.Namespace) -> tuple[Features, Features,
 
 
 # ---------------------------------------------------------------------------------------- scoring
-def topk_correct(scores: "torch.Tensor", labels: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-1 and top-5 hits of class scores ``(..., B, C)`` against ``labels`` (B,): two bool tensors
     ``(..., B)``. Equal scores rank by class index (e.g. the classes no k-NN neighbour voted for); with
     fewer than 5 classes, top-5 is top-C (always a hit)."""

@@ -1,5 +1,5 @@
-"""Weighted k-NN classification on frozen features (DINO's protocol, after InstDisc): ``knn_classify`` and
-the ``tokenmorph eval knn`` program (``DESCRIPTION``, ``add_arguments``, ``run``).
+"""Weighted k-NN classification on frozen features (DINO's protocol, after InstDisc); the program is
+``tokenmorph eval knn`` (:mod:`tokenmorph.commands.eval_knn`).
 
 Features are L2-normalised; each query's k most cosine-similar training features vote for their class with
 weight exp(similarity / T), T = 0.07; the class with the largest total wins. Reported: top-1 / top-5 for
@@ -7,31 +7,17 @@ each k in {10, 20, 100, 200} (capped at the training set size).
 """
 from __future__ import annotations
 
-import argparse
-import time
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from .features import (add_common_arguments, emit_report, extract_eval_features, positive, positive_list,
-                       topk_correct)
+from .features import topk_correct
 
 if TYPE_CHECKING:  # annotations only
     import torch
 
-__all__ = ["DESCRIPTION", "DEFAULT_KS", "knn_classify", "add_arguments", "run"]
+__all__ = ["DEFAULT_KS", "knn_classify"]
 
 DEFAULT_KS = (10, 20, 100, 200)
 HEADLINE_K = 20
-
-DESCRIPTION = f"""\
-Weighted k-NN classification on the frozen features of a backbone (DINO's protocol): L2-normalised
-features, cosine similarity, the k nearest training features vote with weight exp(sim / T). Prints a
-table, then one JSON object as the last line: top1 / top5 at k={HEADLINE_K} (the headline), per-k results,
-num_train, num_val, feature_dim, pool, seconds.
-
-examples:
-  tokenmorph eval knn --checkpoint outputs/demo --dataset fashion-mnist
-  tokenmorph eval knn --checkpoint ckpt.pt --train DIR/train --val DIR/val --out knn.json
-  tokenmorph eval knn --checkpoint timm:vit_small_patch16_224 --train T --val V --limit-train 5000"""
 
 
 def knn_classify(train_feats: "torch.Tensor", train_labels: "torch.Tensor", test_feats: "torch.Tensor",
@@ -78,36 +64,3 @@ def knn_classify(train_feats: "torch.Tensor", train_labels: "torch.Tensor", test
             top1, top5 = topk_correct(votes, labels)
             hits[k] += torch.stack([top1.sum(), top5.sum()])
     return {k: {"top1": h[0].item() / n_test, "top5": h[1].item() / n_test} for k, h in hits.items()}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
-    g = parser.add_argument_group("k-NN")
-    g.add_argument("--k", type=positive_list(int), default=list(DEFAULT_KS), metavar="K,K,...",
-                   help=f"neighbour counts (default {','.join(map(str, DEFAULT_KS))}; capped at the train set size); "
-                        f"the headline is k={HEADLINE_K}, or the first k when {HEADLINE_K} is not listed")
-    g.add_argument("--temperature", type=positive(float), default=0.07, help="vote weight exp(sim / T) (default 0.07)")
-    g.add_argument("--chunk-size", type=positive(int), default=1024,
-                   help="test queries per similarity chunk: memory ~ chunk x num_train x 4 bytes (default 1024)")
-
-
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    start = time.perf_counter()
-    train, val, info = extract_eval_features(args)
-    device = torch.device(info["device"])
-    knn_start = time.perf_counter()
-    results = knn_classify(train.features.to(device), train.labels, val.features, val.labels, args.k,
-                           args.temperature, info["num_classes"], args.chunk_size)
-    headline = min(HEADLINE_K if HEADLINE_K in args.k else args.k[0], info["num_train"])
-    result = {"protocol": "knn", "top1": results[headline]["top1"], "top5": results[headline]["top5"],
-              "k": headline, "temperature": args.temperature,
-              "per_k": {str(k): r for k, r in results.items()}, **info,
-              "knn_seconds": round(time.perf_counter() - knn_start, 3),
-              "seconds": round(time.perf_counter() - start, 3)}
-    rows = [(k, r["top1"], r["top5"]) for k, r in results.items()]
-    emit_report(f"weighted k-NN (T={args.temperature}) on {info['num_train']} train / {info['num_val']} val "
-                f"{info['pool']} features (D={info['feature_dim']}) of {info['backbone']}",
-                ("k", "top1", "top5"), rows, result, args.out)
-    return 0

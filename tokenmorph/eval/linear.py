@@ -1,5 +1,5 @@
-"""Linear probe on frozen features, several learning rates trained together, the best picked on val:
-``linear_probe`` and the ``tokenmorph eval linear`` program (``DESCRIPTION``, ``add_arguments``, ``run``).
+"""Linear probe on frozen features, several learning rates trained together, the best picked on val; the
+program is ``tokenmorph eval linear`` (:mod:`tokenmorph.commands.eval_linear`).
 
 Features are extracted once; then one linear classifier per learning rate is trained on them. The
 classifiers are stacked into one (D, L, C) weight and updated together, so L learning rates cost one
@@ -7,38 +7,22 @@ matrix product of L x C outputs per step, with exactly the updates L separate ru
 """
 from __future__ import annotations
 
-import argparse
 import math
-import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from .features import (add_common_arguments, emit_report, extract_eval_features, positive, positive_list,
-                       topk_correct)
+from .features import topk_correct
 
 if TYPE_CHECKING:  # annotations only
     import torch
 
-__all__ = ["DESCRIPTION", "DEFAULT_LRS", "SMALL_STEP_MACS", "linear_probe", "add_arguments", "run"]
+__all__ = ["DEFAULT_LRS", "SMALL_STEP_MACS", "linear_probe"]
 
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 
-DESCRIPTION = """\
-Linear probe on the frozen features of a backbone: features are extracted once (CLS or mean-pooled), then
-one linear classifier per learning rate is trained on them in a single pass (SGD, momentum 0.9, cosine
-schedule, optional BatchNorm without affine in front as in MAE). The best learning rate is picked on the
-val split (so its accuracy is slightly optimistic, as in DINOv2's sweep). Prints a table, then one JSON
-object as the last line: top1 / top5 of the best learning rate (the headline), per-lr results, num_train,
-num_val, feature_dim, pool, seconds.
-
-examples:
-  tokenmorph eval linear --checkpoint outputs/demo --dataset fashion-mnist --batchnorm
-  tokenmorph eval linear --checkpoint ckpt.pt --train DIR/train --val DIR/val --lrs 0.01,0.1 --epochs 50"""
-
 
 # Training steps below this many multiply-adds (B x D x L x C) run on one CPU thread: for such tiny products
-# the threads' synchronisation dominates. Fashion-MNIST's probe (256 x 192 x 7 x 10) took 1 ms per step on one
-# thread and 55 ms on two, on this project's shared 2-core CPU.
+# (Fashion-MNIST's probe is 256 x 192 x 7 x 10) synchronising threads costs far more than the arithmetic.
 SMALL_STEP_MACS = 2 ** 25
 
 
@@ -142,41 +126,3 @@ def linear_probe(train_feats: "torch.Tensor", train_labels: "torch.Tensor", val_
     per_lr = [{"lr": float(lr), "top1": acc[0][i], "top5": acc[1][i]} for i, lr in enumerate(lrs)]
     return {"per_lr": per_lr, "best": max(per_lr, key=lambda r: r["top1"]),
             "weight": weight.detach().transpose(0, 1).contiguous(), "bias": bias.detach()}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
-    g = parser.add_argument_group("linear probe")
-    g.add_argument("--lrs", type=positive_list(float), default=list(DEFAULT_LRS), metavar="LR,LR,...",
-                   help=f"learning rates trained together (default {','.join(map(str, DEFAULT_LRS))})")
-    g.add_argument("--epochs", type=positive(int), default=100, help="epochs over the cached features (default 100)")
-    g.add_argument("--probe-batch-size", type=positive(int), default=256, help="training batch (default 256)")
-    g.add_argument("--batchnorm", action="store_true", help="BatchNorm without affine before the classifier (MAE)")
-
-
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..train import TrainingError
-
-    start = time.perf_counter()
-    train, val, info = extract_eval_features(args)
-    device = torch.device(info["device"])
-    probe_start = time.perf_counter()
-    try:
-        results = linear_probe(train.features.to(device), train.labels, val.features, val.labels,
-                               info["num_classes"], args.lrs, args.epochs, args.probe_batch_size, args.batchnorm,
-                               args.seed)
-    except ValueError as e:  # too little data for the flags given (e.g. --limit-train 1)
-        raise TrainingError(f"linear probe: {e}") from None
-    best = results["best"]
-    result = {"protocol": "linear", "top1": best["top1"], "top5": best["top5"], "lr": best["lr"],
-              "per_lr": results["per_lr"], "epochs": args.epochs, "batch_size": args.probe_batch_size,
-              "batchnorm": args.batchnorm, "seed": args.seed, **info,
-              "probe_seconds": round(time.perf_counter() - probe_start, 3),
-              "seconds": round(time.perf_counter() - start, 3)}
-    rows = [(f"{r['lr']:g}" + (" *" if r is best else ""), r["top1"], r["top5"]) for r in results["per_lr"]]
-    emit_report(f"linear probe ({args.epochs} epochs, {'BN + ' if args.batchnorm else ''}linear) on "
-                f"{info['num_train']} train / {info['num_val']} val {info['pool']} features (D={info['feature_dim']}) "
-                f"of {info['backbone']}; * = best on val", ("lr", "top1", "top5"), rows, result, args.out)
-    return 0

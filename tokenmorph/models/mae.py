@@ -16,18 +16,18 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import build_sincos2d_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..masking import RandomMask
-from .student import StudentBase, encoder_shape
+from ..ops.masking import RandomMask
+from .arch import DECODER_PRESETS, encoder_shape, timm_encoder_kwargs
+from .student import StudentBase
 
-__all__ = ["DECODER_PRESETS", "MAEStudent", "create_mae_student", "timm_vit_kwargs"]
+__all__ = ["MAEStudent", "create_mae_student"]
 
-# preset -> (depth, width); heads = width / 32 (12 for 384, 16 for 512 as in MAE)
-DECODER_PRESETS = {"release": (4, 384), "mae": (8, 512)}
 
 
 def sincos_pos_embed(grid: Sequence[int], dim: int, cls_token: bool = True) -> torch.Tensor:
@@ -60,8 +60,8 @@ class MAEStudent(StudentBase):
         decoder_dim: int = 384,
         decoder_heads: Optional[int] = None,
         drop_path_rate: float = 0.0,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
         depth: Optional[int] = None,
         embed_dim: Optional[int] = None,
         num_heads: Optional[int] = None,
@@ -75,7 +75,8 @@ class MAEStudent(StudentBase):
         self.arch = dict(framework="mae", img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                          num_heads=num_heads, decoder_depth=decoder_depth, decoder_dim=decoder_dim,
                          decoder_heads=decoder_heads)
-        self.encoder = VisionTransformer(**timm_vit_kwargs(self.arch), drop_path_rate=drop_path_rate)
+        self.encoder = VisionTransformer(**timm_encoder_kwargs(self.arch, drop_path_rate=drop_path_rate, num_classes=0,
+                                                               global_pool=""))
         grid = self.encoder.patch_embed.grid_size
         self.encoder.pos_embed.data.copy_(sincos_pos_embed(grid, embed_dim))
         self.encoder.pos_embed.requires_grad_(False)  # fixed, as in MAE (learnable again when fine-tuned)
@@ -136,14 +137,6 @@ class MAEStudent(StudentBase):
 
 def _layer_norm(dim: int, **kwargs) -> nn.LayerNorm:
     return nn.LayerNorm(dim, eps=1e-6, **kwargs)
-
-
-def timm_vit_kwargs(arch: dict) -> dict:
-    """Keyword arguments for ``timm.create_model("vit_...")`` (or ``VisionTransformer(...)``) that give an
-    encoder whose state dict matches an MAE student's ``encoder`` key for key."""
-    return dict(img_size=arch["img_size"], patch_size=arch["patch_size"], embed_dim=arch["embed_dim"],
-                depth=arch["depth"], num_heads=arch["num_heads"], mlp_ratio=4.0, qkv_bias=True, class_token=True,
-                num_classes=0, global_pool="")  # timm's LayerNorm: eps 1e-6, as MAE
 
 
 def create_mae_student(size: str = "base", **kwargs) -> MAEStudent:

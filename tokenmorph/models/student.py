@@ -9,8 +9,9 @@ encoder's final norm.
 Loading the encoder into timm (strict, no missing or unexpected keys)::
 
     import timm
-    model = timm.create_model("beit_base_patch16_224", num_classes=0, global_pool="",
-                              **timm_beit_kwargs(student))          # shared bias, no per-block bias
+    from tokenmorph.models import timm_encoder_kwargs, timm_model_name
+    model = timm.create_model(timm_model_name(student.arch), num_classes=0, global_pool="",
+                              **timm_encoder_kwargs(student.arch))   # shared bias, no per-block bias
     model.load_state_dict(student.encoder.state_dict())
 """
 from __future__ import annotations
@@ -18,35 +19,15 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models.beit import Beit
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["STUDENT_SIZES", "StudentBase", "MaskedViTStudent", "create_student", "timm_beit_kwargs"]
+from .arch import encoder_shape, timm_encoder_kwargs
 
-# size -> (embed_dim, depth, num_heads); tiny is DeiT-tiny's shape, for CPU-scale runs.
-STUDENT_SIZES = {
-    "tiny": (192, 12, 3),
-    "small": (384, 12, 6),
-    "base": (768, 12, 12),
-    "large": (1024, 24, 16),
-}
-
-
-def encoder_shape(size: str, img_size: int, patch_size: int, embed_dim: Optional[int], depth: Optional[int],
-                  num_heads: Optional[int]) -> tuple[int, int, int]:
-    """(embed_dim, depth, num_heads) of a size name with overrides; ValueError for impossible shapes."""
-    if size not in STUDENT_SIZES:
-        raise ValueError(f"unknown student size {size!r}; choose one of {', '.join(STUDENT_SIZES)}")
-    if img_size % patch_size:
-        raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-    d, L, h = STUDENT_SIZES[size]
-    embed_dim, depth, num_heads = embed_dim or d, depth or L, num_heads or h
-    if embed_dim % num_heads:
-        raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-    return embed_dim, depth, num_heads
-
+__all__ = ["StudentBase", "MaskedViTStudent", "create_student"]
 
 class StudentBase(nn.Module):
     """What both students share: a timm ``encoder`` (with ``patch_embed``), a ``mask_token``, input
@@ -95,8 +76,8 @@ class MaskedViTStudent(StudentBase):
         patch_size: int = 16,
         drop_path_rate: float = 0.1,
         init_values: float = 0.1,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
         depth: Optional[int] = None,
         embed_dim: Optional[int] = None,
         num_heads: Optional[int] = None,
@@ -104,23 +85,10 @@ class MaskedViTStudent(StudentBase):
         super().__init__()
         embed_dim, depth, num_heads = encoder_shape(size, img_size, patch_size, embed_dim, depth, num_heads)
         self.size = size
-        self.arch = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                         num_heads=num_heads, init_values=init_values)
-        self.encoder = Beit(
-            img_size=img_size,
-            patch_size=patch_size,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            qkv_bias=True,
-            drop_path_rate=drop_path_rate,
-            init_values=init_values,
-            use_abs_pos_emb=False,
-            use_rel_pos_bias=False,
-            use_shared_rel_pos_bias=True,
-            num_classes=0,
-            global_pool="",
-        )
+        self.arch = dict(framework="beit", img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+                         depth=depth, num_heads=num_heads, init_values=init_values)
+        self.encoder = Beit(**timm_encoder_kwargs(self.arch, drop_path_rate=drop_path_rate, num_classes=0,
+                                                  global_pool=""))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
         self.head = nn.Linear(embed_dim, target_dim)
@@ -150,15 +118,6 @@ class MaskedViTStudent(StudentBase):
     def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1], optional (B, N) mask -> (B, N, target_dim) predicted teacher tokens."""
         return self.head(self.forward_features(images, mask)[:, 1:])
-
-
-def timm_beit_kwargs(student: MaskedViTStudent) -> dict:
-    """Keyword arguments for ``timm.create_model("beit_...")`` (or ``Beit(...)``) that give an encoder
-    whose state dict matches ``student.encoder`` key for key."""
-    a = student.arch
-    return dict(img_size=a["img_size"], patch_size=a["patch_size"], embed_dim=a["embed_dim"], depth=a["depth"],
-                num_heads=a["num_heads"], init_values=a["init_values"], use_abs_pos_emb=False,
-                use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
 
 
 def create_student(size: str = "small", **kwargs) -> MaskedViTStudent:

@@ -1,0 +1,218 @@
+"""``tokenmorph bench pretrain``: where a pre-training step's time goes.
+
+:func:`bench_pretrain` times full DTM steps per phase against the release's step; :func:`bench_objectives`
+times the real step of ``tokenmorph pretrain`` for every framework x objective in one run.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..ops.losses import dtm_loss
+from ..runtime.precision import autocast_dtype
+from .release import release_dense_dtm_loss, set_explicit_attention
+from .timing import Timed, matmul_peak
+
+__all__ = ["bench_pretrain", "bench_objectives"]
+
+
+def bench_pretrain(model: str = "small", teacher: str = "clip-vit-b16", random_init: bool = True, batch_size: int = 16,
+                   steps: int = 3, device: str = "cpu", precision: str = "bf16", img_size: int = 224,
+                   patch_size: int = 16, baseline: bool = True, seed: int = 0, teacher_weights=None) -> dict:
+    """Full DTM pre-training steps on synthetic images, timed per phase.
+
+    Phases: teacher forward, student forward, morph + loss (forward), backward, optimiser (clip + AdamW).
+    ``baseline=True`` also times the official release's step on the same models and batch: fp32, the
+    explicit attention path, the dense morphing formulation; the ratio of images/s is reported.
+    """
+    import random as _random
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..models import create_student
+    from ..models.teachers import build_teacher
+    from ..ops.losses import DTMLoss
+    from ..ops.masking import block_mask
+
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+    amp_dtype = autocast_dtype(precision)
+    t_model = build_teacher(teacher, weights=teacher_weights, random_init=random_init, amp=amp_dtype is not None,
+                            amp_dtype=amp_dtype or torch.bfloat16, patch_size=patch_size, device=dev)
+    student = create_student(model, target_dim=t_model.dim, img_size=img_size, patch_size=patch_size).to(dev)
+    grid = student.grid
+    n = student.num_patches
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05)
+    images = torch.rand(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed)).to(dev)
+    mask = block_mask(batch_size, grid, num_masked=round(n * 75 / 196), min_num_patches=max(1, round(n * 16 / 196)),
+                      seed=seed).to(dev)
+    criterion = DTMLoss(num_levels=2)
+
+    def autocast():
+        if amp_dtype is None:
+            return torch.autocast(dev.type, enabled=False)
+        return torch.autocast(dev.type, dtype=amp_dtype)
+
+    def step(phases: Optional[dict], loss_fn, rng) -> None:
+        marks = [time.perf_counter()]
+
+        def mark():
+            sync()
+            marks.append(time.perf_counter())
+
+        target = t_model(images, grid)
+        mark()
+        with autocast():
+            pred = student(images, mask)
+        mark()
+        loss = loss_fn(pred, target, criterion.sample_schedules(n, rng))
+        mark()
+        loss.backward()
+        mark()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 3.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mark()
+        if phases is not None:
+            for name, a, b in zip(("teacher", "student_forward", "morph_loss", "backward", "optimizer"), marks, marks[1:]):
+                phases[name] = phases.get(name, 0.0) + (b - a)
+
+    def run(loss_fn, label: str) -> dict:
+        rng = _random.Random(seed)
+        step(None, loss_fn, rng)  # warm-up
+        phases: dict = {}
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(phases, loss_fn, rng)
+        total = time.perf_counter() - t0
+        return {"label": label, "step_s": total / steps, "images_per_second": batch_size * steps / total,
+                "phases_s": {k: v / steps for k, v in phases.items()}}
+
+    ours = run(lambda p, t, s: dtm_loss(p, t, s), "tokenmorph")
+    # FLOPs of one step's models (teacher forward, student forward + backward), counted by torch.
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(None, lambda p, t, s: dtm_loss(p, t, s), _random.Random(seed))
+    flops = counter.get_total_flops()
+    peak = matmul_peak(amp_dtype or torch.float32, device)
+    peak_fp32 = peak if amp_dtype is None else matmul_peak(torch.float32, device)
+    result = {
+        "benchmark": "pretrain",
+        "student": model, "teacher": teacher, "random_init": random_init, "batch_size": batch_size, "steps": steps,
+        "device": device, "precision": precision, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "images_per_second": ours["images_per_second"], "step_s": ours["step_s"], "phases_s": ours["phases_s"],
+        "model_flops_per_step": flops, "achieved_flops_per_s": flops / ours["step_s"],
+        "matmul_peak_flops_per_s": peak, "fraction_of_peak": flops / ours["step_s"] / peak,
+        # the ceiling of any precision-only speed-up over an fp32 step on this machine
+        "matmul_peak_fp32_flops_per_s": peak_fp32, "peak_ratio_vs_fp32": peak / peak_fp32,
+    }
+    if baseline:
+        t_model.amp = False
+        set_explicit_attention(t_model)
+        set_explicit_attention(student)
+        amp_dtype = None
+        base = run(lambda p, t, s: release_dense_dtm_loss(p.float(), t, s), "release")
+        result["baseline"] = {"what": "release step: fp32, explicit attention, dense morphing",
+                              "images_per_second": base["images_per_second"], "step_s": base["step_s"],
+                              "phases_s": base["phases_s"]}
+        result["speedup_vs_release"] = ours["images_per_second"] / base["images_per_second"]
+    return result
+
+
+def bench_objectives(frameworks: Sequence[str] = ("beit", "mae"), objectives: Sequence[str] = ("mask",),
+                     model: str = "small", teacher: str = "pixels", random_init: bool = True, batch_size: int = 16,
+                     steps: int = 3, device: str = "cpu", precision: str = "bf16", img_size: int = 224,
+                     patch_size: int = 16, decoder: str = "release", mask_ratio: float = 0.75, seed: int = 0,
+                     teacher_weights=None) -> dict:
+    """The real pre-training step (:class:`tokenmorph.objectives.PretrainObjective`, the students and
+    teachers ``tokenmorph pretrain`` builds) for every framework x objective, timed in one run.
+
+    Phases per step (means): teacher (targets), student (forward), rest of the forward (degradation,
+    masking gather/scatter, loss), backward, optimiser (clip + AdamW). ``step_s`` is the median step
+    after two warm-up steps. Reports each combination's step and its ratios to the BEiT-framework step
+    and to plain masking of the same framework.
+    """
+    from ..recipes.config import PretrainConfig
+    from ..recipes.objectives import PretrainObjective
+    from ..recipes.pretrain import build_student_and_teacher
+    from ..runtime.sampling import batch_to_device, collate_keyed
+
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+    amp_dtype = autocast_dtype(precision)
+    n = (img_size // patch_size) ** 2
+    frameworks, objectives = list(dict.fromkeys(frameworks)), list(dict.fromkeys(objectives))  # each once
+    rows = []
+    for framework in frameworks:
+        for objective in objectives:
+            cfg = PretrainConfig(model=model, img_size=img_size, patch_size=patch_size, teacher=teacher,
+                                 teacher_random_init=random_init, teacher_weights=teacher_weights, framework=framework,
+                                 objective=objective, decoder=decoder, mask_ratio=mask_ratio, precision=precision,
+                                 num_masked=round(n * 75 / 196), min_mask_block=max(1, round(n * 16 / 196)),
+                                 drop_path=0.0 if framework == "mae" else 0.1, seed=seed).validate()
+            student, t_model = build_student_and_teacher(cfg, dev, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+            obj = PretrainObjective(t_model, student.grid, cfg)
+            rng = np.random.default_rng(seed)
+            side = obj.degradation.view_side
+            images = torch.rand(batch_size, 3, side, side, generator=torch.Generator().manual_seed(seed))
+            batch = batch_to_device(collate_keyed([(img, 0, obj.sample(rng)) for img in images]), dev)
+            opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
+            phases: dict = {}
+            obj.teacher = Timed(t_model, "teacher", phases, sync)
+            timed_student = Timed(student, "student_forward", phases, sync)
+
+            logs: dict = {}
+
+            def step(i: int) -> None:
+                sync()
+                t0 = time.perf_counter()
+                with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss, step_logs = obj(timed_student, batch, i)
+                logs.update(step_logs, loss=float(loss.detach()))
+                sync()
+                t1 = time.perf_counter()
+                phases["forward"] = phases.get("forward", 0.0) + t1 - t0
+                loss.backward()
+                sync()
+                t2 = time.perf_counter()
+                torch.nn.utils.clip_grad_norm_(student.parameters(), 3.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync()
+                phases["backward"] = phases.get("backward", 0.0) + t2 - t1
+                phases["optimizer"] = phases.get("optimizer", 0.0) + time.perf_counter() - t2
+
+            step(0)  # warm-up (allocations, kernel selection)
+            step(1)
+            phases.clear()
+            times = []
+            for i in range(steps):
+                t0 = time.perf_counter()
+                step(i + 2)
+                times.append(time.perf_counter() - t0)
+            step_s = statistics.median(times)  # robust to other jobs on shared cores
+            ph = {k: v / steps for k, v in phases.items()}
+            ph["loss_and_degradation"] = ph.pop("forward") - ph["teacher"] - ph["student_forward"]
+            order = ("teacher", "student_forward", "loss_and_degradation", "backward", "optimizer")
+            rows.append({"framework": framework, "objective": objective, "step_s": step_s,
+                         "images_per_second": batch_size / step_s, "phases_s": {k: ph[k] for k in order},
+                         "params_trained": sum(p.numel() for p in student.parameters() if p.requires_grad),
+                         "last_step_logs": dict(logs)})
+            del student, t_model, obj, opt
+    by = {(r["framework"], r["objective"]): r for r in rows}
+    for r in rows:
+        beit = by.get(("beit", r["objective"]))
+        plain = by.get((r["framework"], "mask"))
+        if beit is not None and r["framework"] != "beit":
+            r["step_vs_beit"] = r["step_s"] / beit["step_s"]
+        if plain is not None and r["objective"] != "mask":
+            r["step_vs_mask"] = r["step_s"] / plain["step_s"]
+    return {"benchmark": "pretrain-objectives", "student": model, "teacher": teacher, "random_init": random_init,
+            "batch_size": batch_size, "steps": steps, "device": device, "precision": precision, "img_size": img_size,
+            "patch_size": patch_size, "decoder": decoder, "mask_ratio": mask_ratio, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "results": rows}

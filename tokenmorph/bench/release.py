@@ -1,0 +1,72 @@
+"""The official release's DTM formulation, as it computes it, for the benchmarks' baseline: a dense
+(B, n, N) membership matrix per iteration and aggregation by matrix products."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["release_dense_membership", "release_dense_dtm_loss", "set_explicit_attention"]
+
+
+def release_dense_membership(tokens: torch.Tensor, schedule: Sequence[int]) -> torch.Tensor:
+    """The release's morphing, as it computes it: (B, N, D) -> binary membership (B, G, N).
+
+    Every iteration normalises the size-weighted group features, matches the alternating halves with a
+    (B, n/2, n/2) similarity product, merges features (``x * size`` summed) and the (B, n, N) source
+    matrix with gather/scatter. First token protected (the release's class-token flag).
+    """
+    B, N, D = tokens.shape
+    x = tokens.detach().float()
+    size = torch.ones(B, N, 1, dtype=x.dtype, device=x.device)
+    source = torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N)
+    for r in schedule:
+        t = x.shape[1]
+        r = min(int(r), (t - 1) // 2)
+        if r <= 0:
+            continue
+        metric = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        a, b = metric[:, ::2], metric[:, 1::2]
+        scores = a @ b.transpose(-1, -2)
+        scores[:, 0, :] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)[..., None]
+        unm_idx = edge_idx[:, r:].sort(dim=1).values
+        src_idx = edge_idx[:, :r]
+        dst_idx = node_idx[..., None].gather(1, src_idx)
+
+        def merge(y: torch.Tensor, reduce: str) -> torch.Tensor:
+            src, dst = y[:, ::2], y[:, 1::2]
+            c = y.shape[-1]
+            unm = src.gather(1, unm_idx.expand(-1, -1, c))
+            src = src.gather(1, src_idx.expand(-1, -1, c))
+            dst = dst.scatter_reduce(1, dst_idx.expand(-1, -1, c), src, reduce=reduce)
+            return torch.cat([unm, dst], dim=1)
+
+        x = merge(x * size, "sum")
+        size = merge(size, "sum")
+        x = x / size
+        source = merge(source, "amax")
+    return source
+
+
+def release_dense_dtm_loss(pred: torch.Tensor, target: torch.Tensor, schedules, beta: float = 2.0) -> torch.Tensor:
+    """The release's DTM loss: dense aggregation ``source @ x / size``, broadcast back with
+    ``source^T @``, smooth-L1 mean over all B x N x C, averaged over levels."""
+    losses = []
+    for schedule in schedules:
+        source = release_dense_membership(target, schedule)
+        size = source.sum(-1, keepdim=True)
+        u = source.transpose(1, 2) @ ((source @ pred) / size)
+        v = source.transpose(1, 2) @ ((source @ target) / size)
+        losses.append(F.smooth_l1_loss(u, v, beta=beta))
+    return torch.stack(losses).mean()
+
+
+def set_explicit_attention(module: torch.nn.Module) -> None:
+    """Switch timm attention layers to the explicit softmax(QK^T)V path (what the release runs)."""
+    for m in module.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False

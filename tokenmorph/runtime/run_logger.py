@@ -1,0 +1,121 @@
+"""What a run reports while it trains: ``metrics.jsonl`` (one JSON object every ``log_every`` steps),
+TensorBoard scalars, and a progress bar with loss, lr, img/s and ETA. Only the main process writes."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["RunLogger", "finite_record", "truncate_metrics"]
+
+
+def finite_record(record: dict) -> dict:
+    """JSON has no NaN: write None for non-finite numbers."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric lines past the checkpoint's step so the log reads as one run."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut by a crash
+            continue
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+class RunLogger:
+    """Collects each step's numbers and writes a record every ``log_every`` steps (and at the last step).
+
+    A record holds the window's mean loss (over its finite steps), the step's lr, weight decay and gradient
+    norm, img/s over the window, the run's counters, the objective's own logs (window means) and the time
+    since this invocation started.
+    """
+
+    def __init__(self, run_dir: Path, is_main: bool, total_steps: int, steps_per_epoch: int, log_every: int,
+                 tensorboard: bool, desc: str) -> None:
+        self.run_dir, self.is_main = Path(run_dir), is_main
+        self.total_steps, self.steps_per_epoch, self.log_every = total_steps, steps_per_epoch, log_every
+        self.tensorboard, self.desc = tensorboard, desc
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.writer = self.bar = None
+
+    def message(self, text: str) -> None:
+        """One ``[tokenmorph]`` line on stdout (main process only)."""
+        if self.is_main:
+            print(f"[tokenmorph] {text}", flush=True)
+
+    def open(self, start_step: int) -> "RunLogger":
+        from tqdm.auto import tqdm
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            truncate_metrics(self.metrics_path, start_step)
+        if self.is_main and self.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step)
+            except ImportError:
+                self.message("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+        self.bar = tqdm(total=self.total_steps, initial=start_step, disable=not self.is_main, dynamic_ncols=True,
+                        unit="step", desc=self.desc)
+        self.t_start = self.t_window = time.perf_counter()
+        self._reset_window()
+        return self
+
+    def _reset_window(self) -> None:
+        self.n_images, self.loss_sum, self.loss_count, self.logs = 0, 0.0, 0, {}
+
+    def add_logs(self, logs: dict, weight: float) -> None:
+        """Add an objective's logs of one micro-batch (``weight`` = 1 / accumulation steps)."""
+        for k, v in logs.items():
+            self.logs[k] = self.logs.get(k, 0.0) + float(v) * weight
+
+    def step(self, step: int, loss: Optional[float], images: int, lr: float, weight_decay: float, grad_norm: float,
+             counters: dict) -> None:
+        """Account one finished optimiser step (``loss=None``: a skipped, non-finite step); write a record
+        when the step is a multiple of ``log_every`` or the last."""
+        self.n_images += images
+        if loss is not None:
+            self.loss_sum += loss
+            self.loss_count += 1
+        if step % self.log_every == 0 or step == self.total_steps:
+            now = time.perf_counter()
+            rate = self.n_images / max(now - self.t_window, 1e-9)
+            n = max(self.loss_count, 1)
+            record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4), "loss": self.loss_sum / n,
+                      "lr": lr, "weight_decay": weight_decay, "grad_norm": grad_norm, "img_per_s": rate, **counters,
+                      "time_s": now - self.t_start, **{k: v / n for k, v in self.logs.items()}}
+            self._write(record)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}",
+                                 skipped=counters.get("skipped_images", 0), refresh=False)
+            self.t_window = now
+            self._reset_window()
+        self.bar.update(1)
+
+    def _write(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(finite_record(record)) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.writer.add_scalar(f"train/{k}", v, record["step"])
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

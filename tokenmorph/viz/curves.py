@@ -1,0 +1,69 @@
+"""Training curves: the records of a run's metrics.jsonl, smoothing, and several runs overlaid."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ._mpl import pyplot, save_figure
+
+__all__ = ["read_metrics", "smooth_ema", "plot_runs"]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (unparseable lines are skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def smooth_ema(values: Sequence[float], weight: float) -> np.ndarray:
+    """TensorBoard-style smoothing: exponential moving average ``s_t = w s_{t-1} + (1 - w) x_t``,
+    debiased by ``1 - w^t`` so the curve starts at the first value; ``weight=0`` returns the values."""
+    x = np.asarray(values, dtype=np.float64)
+    if not 0 <= weight < 1:
+        raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
+    out, acc = np.empty_like(x), 0.0
+    for t, v in enumerate(x):  # a recurrence over time, not over a batch
+        acc = weight * acc + (1 - weight) * v
+        out[t] = acc / (1 - weight ** (t + 1))
+    return out
+
+
+def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, keys: Sequence[str] = ("loss", "lr", "img_per_s"),
+              *, smooth: float = 0.0, labels: Sequence[str] | None = None) -> Path:
+    """Training curves of one or more runs overlaid, one panel per metric key, against the step.
+
+    ``smooth``: EMA weight in [0, 1) (see :func:`smooth_ema`); the raw curve stays, faint, behind the
+    smoothed one. ``labels``: legend names (default: the run folders' names)."""
+    plt = pyplot()
+    names = list(labels) if labels is not None else [Path(d).name for d in run_dirs]
+    runs = [(name, read_metrics(d)) for name, d in zip(names, run_dirs)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, records in runs:
+            pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if not pts:
+                continue
+            steps, values = zip(*pts)
+            if smooth:
+                line, = ax.plot(steps, values, lw=0.8, alpha=0.3)
+                ax.plot(steps, smooth_ema(values, smooth), label=name, lw=1.4, color=line.get_color())
+            else:
+                ax.plot(steps, values, label=name, lw=1.4)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        if key == "loss":
+            ax.set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    return save_figure(fig, out, dpi=100)
