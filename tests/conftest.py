@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules: real photos from scikit-image, as a flat folder and as
 ImageFolder trees."""
+
 import numpy as np
 import pytest
 
@@ -44,19 +45,34 @@ def class_tree(tmp_path_factory):
             img = getattr(skimage.data, cls)()
             for k in range(count):
                 s = int(rng.integers(96, min(img.shape[:2])))
-                y, x = int(rng.integers(0, img.shape[0] - s)), int(rng.integers(0, img.shape[1] - s))
+                y, x = (
+                    int(rng.integers(0, img.shape[0] - s)),
+                    int(rng.integers(0, img.shape[1] - s)),
+                )
                 Image.fromarray(img[y : y + s, x : x + s]).save(root / split / cls / f"{k}.png")
     return root
 
 
 @pytest.fixture(scope="session")
 def mae_run(tmp_path_factory):
-    """A 2-step smoke pre-training of the MAE framework (plain masking, pixel targets), with the real CLI
-    (its own photos: some modules define a photo_dir of their own)."""
+    """A 2-step smoke pre-training of the MAE framework (plain masking, pixel targets), with the
+    real CLI (its own photos: some modules define a photo_dir of their own)."""
     from .helpers import run_cli
 
     photo_dir = make_photo_dir(tmp_path_factory.mktemp("mae-photos"))
     out = tmp_path_factory.mktemp("mae") / "run"
-    run_cli("pretrain", "--config", "smoke", "framework=mae", "objective=mask", "teacher=pixels", "--data",
-            str(photo_dir), "--output-dir", str(out), "--max-steps", "2")
+    run_cli(
+        "pretrain",
+        "--config",
+        "smoke",
+        "framework=mae",
+        "objective=mask",
+        "teacher=pixels",
+        "--data",
+        str(photo_dir),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+    )
     return out

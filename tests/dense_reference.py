@@ -1,10 +1,11 @@
 """An independent, deliberately plain formulation of token morphing, for tests only.
 
-It follows the paper's matrix notation: every iteration p builds a binary merge matrix E^p
-(n_p x n_{p-1}) sample by sample with Python loops; membership is the product E^k ... E^1 (G x N); group
+It follows the paper's matrix notation: every iteration p builds a binary merge matrix E^p (n_p x
+n_{p-1}) sample by sample with Python loops; membership is the product E^k ... E^1 (G x N); group
 features are ``membership @ V / sizes``; matching uses those features directly (no Gram trick, no
 slots, no labels). Nothing here is shared with ``tokenmorph.morph``.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,8 @@ import torch
 
 
 def merge_matrix(n: int, a_pos, b_pos, src_a, dst_b, unm_a) -> torch.Tensor:
-    """E (n_new x n): new sequence = [unmerged A in given order] + [B], merged A rows added to partners."""
+    """E (n_new x n): new sequence = [unmerged A in given order] + [B], merged A rows added to
+    partners."""
     n_new = len(unm_a) + len(b_pos)
     E = torch.zeros(n_new, n, dtype=torch.float64)
     for row, ai in enumerate(unm_a):
@@ -25,11 +27,13 @@ def merge_matrix(n: int, a_pos, b_pos, src_a, dst_b, unm_a) -> torch.Tensor:
     return E
 
 
-def dense_membership(tokens: torch.Tensor, schedule, protect_first: bool = True, splits=None) -> list[torch.Tensor]:
+def dense_membership(
+    tokens: torch.Tensor, schedule, protect_first: bool = True, splits=None
+) -> list[torch.Tensor]:
     """Per sample, the (G, N) binary membership matrix of the release's morphing.
 
-    ``splits``: optional callable (sample, iteration, n) -> (a_positions, b_positions) replacing the
-    alternating split (used to replay paper mode's random split).
+    ``splits``: optional callable (sample, iteration, n) -> (a_positions, b_positions) replacing
+    the alternating split (used to replay paper mode's random split).
     """
     out = []
     for s in range(tokens.shape[0]):
@@ -73,4 +77,6 @@ def dense_labels(membership: list[torch.Tensor]) -> torch.Tensor:
 
 def dense_group_means(membership: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """(B, G, C): membership @ x / sizes."""
-    return torch.stack([(M @ x[s].to(M.dtype)) / M.sum(1, keepdim=True) for s, M in enumerate(membership)])
+    return torch.stack(
+        [(M @ x[s].to(M.dtype)) / M.sum(1, keepdim=True) for s, M in enumerate(membership)]
+    )

@@ -1,4 +1,5 @@
 """Helpers shared by the end-to-end tests."""
+
 import json
 import subprocess
 import sys
@@ -8,9 +9,20 @@ import torch
 
 
 def run_cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "tokenmorph", *args], capture_output=True, text=True, timeout=600)
+    """``tokenmorph ARGS`` in a subprocess, as a user runs it; with ``check``, a non-zero exit
+       fails
+    the test."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokenmorph", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"tokenmorph {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"tokenmorph {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n"
+            f"{proc.stderr}"
+        )
     return proc
 
 

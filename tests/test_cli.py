@@ -1,4 +1,5 @@
 """The command line, end to end in a subprocess (as a user runs it)."""
+
 import json
 
 import pytest
@@ -15,7 +16,16 @@ def test_help_lists_commands():
 
 def test_viz_morph_real_photos(tmp_path):
     out = tmp_path / "groups.png"
-    proc = run_cli("viz", "morph", "skimage:astronaut", "skimage:coffee", "--groups", "196,49,8", "--out", str(out))
+    proc = run_cli(
+        "viz",
+        "morph",
+        "skimage:astronaut",
+        "skimage:coffee",
+        "--groups",
+        "196,49,8",
+        "--out",
+        str(out),
+    )
     assert "2 images x 3 schedules" in proc.stdout
     from PIL import Image
 
@@ -30,13 +40,40 @@ def test_viz_morph_image_file_and_explicit_schedule(tmp_path):
     img = tmp_path / "photo.png"
     Image.fromarray((np.random.default_rng(0).random((100, 80, 3)) * 255).astype("uint8")).save(img)
     out = tmp_path / "g.png"
-    run_cli("viz", "morph", str(img), "--schedule", "14x14", "--schedule", "0", "--mode", "paper", "--out", str(out))
+    run_cli(
+        "viz",
+        "morph",
+        str(img),
+        "--schedule",
+        "14x14",
+        "--schedule",
+        "0",
+        "--mode",
+        "paper",
+        "--out",
+        str(out),
+    )
     assert out.stat().st_size > 1000
 
 
 def test_bench_morph_json_small():
-    proc = run_cli("bench", "morph", "--json", "--batch", "4", "--tokens", "49", "--dim", "16",
-                   "--schedule", "5x4", "--schedule", "0", "--repeats", "1")
+    proc = run_cli(
+        "bench",
+        "morph",
+        "--json",
+        "--batch",
+        "4",
+        "--tokens",
+        "49",
+        "--dim",
+        "16",
+        "--schedule",
+        "5x4",
+        "--schedule",
+        "0",
+        "--repeats",
+        "1",
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["benchmark"] == "morph"
     for key in ("tokenmorph_s", "dense_s", "speedup"):
@@ -62,14 +99,37 @@ def test_not_an_image_is_a_clear_error(tmp_path):
     bad = tmp_path / "notes.jpg"
     bad.write_text("not an image")
     proc = run_cli("viz", "morph", str(bad), "--out", str(tmp_path / "o.png"), check=False)
-    assert proc.returncode == 2 and "cannot decode image" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "cannot decode image" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
 
 
 def test_bench_pretrain_json_small():
-    proc = run_cli("bench", "pretrain", "--json", "--model", "tiny", "--teacher", "pixels", "--img-size", "64",
-                   "--batch-size", "2", "--steps", "1")
+    proc = run_cli(
+        "bench",
+        "pretrain",
+        "--json",
+        "--model",
+        "tiny",
+        "--teacher",
+        "pixels",
+        "--img-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+    )
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["benchmark"] == "pretrain" and r["images_per_second"] > 0
-    assert set(r["phases_s"]) == {"teacher", "student_forward", "morph_loss", "backward", "optimizer"}
+    assert set(r["phases_s"]) == {
+        "teacher",
+        "student_forward",
+        "morph_loss",
+        "backward",
+        "optimizer",
+    }
     assert r["model_flops_per_step"] > 0 and 0 < r["fraction_of_peak"] < 2
     assert r["baseline"]["images_per_second"] > 0 and r["speedup_vs_release"] > 0

@@ -1,12 +1,26 @@
 """Configs: shipped files load, overrides are typed, every mistake is one clear line."""
+
 import pytest
 
-from tokenmorph.recipes.config import ConfigError, PretrainConfig, config_names, load_config, parse_overrides
+from tokenmorph.recipes.config import (
+    ConfigError,
+    PretrainConfig,
+    config_names,
+    load_config,
+    parse_overrides,
+)
 
 
 def test_shipped_configs_load_and_validate():
     names = config_names()
-    for required in ("smoke", "demo", "vit-s16-in1k", "vit-b16-in1k", "vit-l16-in1k", "vit-b16-in1k-release"):
+    for required in (
+        "smoke",
+        "demo",
+        "vit-s16-in1k",
+        "vit-b16-in1k",
+        "vit-l16-in1k",
+        "vit-b16-in1k-release",
+    ):
         assert required in names
     for name in names:
         cfg = load_config(name)
@@ -15,17 +29,51 @@ def test_shipped_configs_load_and_validate():
 
 def test_paper_recipes():
     b = load_config("vit-b16-in1k")
-    assert (b.model, b.epochs, b.batch_size, b.lr, b.warmup_epochs, b.weight_decay, b.clip_grad) == (
-        "base", 300, 1024, 1.5e-4, 10, 0.05, 3.0)
-    assert (b.beta1, b.beta2, b.num_masked, b.min_mask_block, b.num_levels, b.k_max, b.beta) == (0.9, 0.98, 75, 16, 2, 14, 2.0)
-    assert load_config("vit-s16-in1k").model == "small" and load_config("vit-l16-in1k").model == "large"
+    assert (
+        b.model,
+        b.epochs,
+        b.batch_size,
+        b.lr,
+        b.warmup_epochs,
+        b.weight_decay,
+        b.clip_grad,
+    ) == ("base", 300, 1024, 1.5e-4, 10, 0.05, 3.0)
+    assert (b.beta1, b.beta2, b.num_masked, b.min_mask_block, b.num_levels, b.k_max, b.beta) == (
+        0.9,
+        0.98,
+        75,
+        16,
+        2,
+        14,
+        2.0,
+    )
+    assert (
+        load_config("vit-s16-in1k").model == "small"
+        and load_config("vit-l16-in1k").model == "large"
+    )
     r = load_config("vit-b16-in1k-release")
-    assert (r.lr, r.lr_scaling, r.lr_base_batch, r.teacher_normalization) == (1.5e-3, "sqrt", 2048, "imagenet")
+    assert (r.lr, r.lr_scaling, r.lr_base_batch, r.teacher_normalization) == (
+        1.5e-3,
+        "sqrt",
+        2048,
+        "imagenet",
+    )
 
 
 def test_overrides_are_typed():
-    cfg = load_config("smoke", parse_overrides(["lr=3e-4", "hflip=false", "depth=none", "max_steps=5",
-                                                 'teacher_kwargs={"img_size": 32}', "epochs=2"]))
+    cfg = load_config(
+        "smoke",
+        parse_overrides(
+            [
+                "lr=3e-4",
+                "hflip=false",
+                "depth=none",
+                "max_steps=5",
+                'teacher_kwargs={"img_size": 32}',
+                "epochs=2",
+            ]
+        ),
+    )
     assert cfg.lr == 3e-4 and cfg.hflip is False and cfg.depth is None and cfg.max_steps == 5
     assert cfg.teacher_kwargs == {"img_size": 32} and cfg.epochs == 2.0
 

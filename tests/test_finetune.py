@@ -1,4 +1,6 @@
-"""Fine-tuning end to end on an ImageFolder tree of real photos, from a smoke pre-training checkpoint."""
+"""Fine-tuning end to end on an ImageFolder tree of real photos, from a smoke pre-training
+checkpoint."""
+
 import json
 
 import numpy as np
@@ -16,14 +18,40 @@ from .helpers import final_weights, read_metrics, run_cli
 @pytest.fixture(scope="module")
 def pretrained(photo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("pre") / "run"
-    run_cli("pretrain", "--config", "smoke", "--data", str(photo_dir), "--output-dir", str(out), "--max-steps", "2")
+    run_cli(
+        "pretrain",
+        "--config",
+        "smoke",
+        "--data",
+        str(photo_dir),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+    )
     return out
 
 
 def finetune(pretrained, class_tree, out, *extra, check=True):
-    return run_cli("finetune", "--config", "fashion-mnist-tiny", "--checkpoint", str(pretrained), "--data",
-                   str(class_tree / "train"), "--val-data", str(class_tree / "val"), "--output-dir", str(out),
-                   "batch_size=8", "num_workers=0", "log_every=1", "warmup_steps=1", *extra, check=check)
+    return run_cli(
+        "finetune",
+        "--config",
+        "fashion-mnist-tiny",
+        "--checkpoint",
+        str(pretrained),
+        "--data",
+        str(class_tree / "train"),
+        "--val-data",
+        str(class_tree / "val"),
+        "--output-dir",
+        str(out),
+        "batch_size=8",
+        "num_workers=0",
+        "log_every=1",
+        "warmup_steps=1",
+        *extra,
+        check=check,
+    )
 
 
 def test_finetune_end_to_end_and_exact_resume(pretrained, class_tree, tmp_path):
@@ -43,27 +71,60 @@ def test_finetune_end_to_end_and_exact_resume(pretrained, class_tree, tmp_path):
 
 
 def test_finetune_model_starts_as_the_pretrained_encoder(pretrained):
-    """Per-block bias tables copied from the shared one: same features as the pre-trained encoder."""
+    """Per-block bias tables copied from the shared one: same features as the pre-trained
+    encoder."""
     student = student_from_checkpoint(load_checkpoint(latest_checkpoint(pretrained))).eval()
-    cfg = load_config("fashion-mnist-tiny", parse_overrides(["global_pool=token", "drop_path=0"]), kind="finetune")
+    cfg = load_config(
+        "fashion-mnist-tiny", parse_overrides(["global_pool=token", "drop_path=0"]), kind="finetune"
+    )
     model, kwargs, report = build_model(cfg, 3, student, "x")
     assert kwargs["use_rel_pos_bias"] and not kwargs["use_shared_rel_pos_bias"]
     assert report["new"] == ["head.bias", "head.weight"] and report["dropped"] == []
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(model.eval().forward_features(x), student.encoder.forward_features(x))
+    torch.testing.assert_close(
+        model.eval().forward_features(x), student.encoder.forward_features(x)
+    )
     per_block = shared_to_per_block(student.encoder.state_dict(), 2)
     assert "rel_pos_bias.relative_position_bias_table" not in per_block
-    assert torch.equal(per_block["blocks.1.attn.relative_position_bias_table"],
-                       student.encoder.rel_pos_bias.relative_position_bias_table)
+    assert torch.equal(
+        per_block["blocks.1.attn.relative_position_bias_table"],
+        student.encoder.rel_pos_bias.relative_position_bias_table,
+    )
 
 
 def test_finetune_errors_are_one_line(pretrained, class_tree, photo_dir, tmp_path):
-    proc = run_cli("finetune", "--config", "fashion-mnist-tiny", "--checkpoint", str(tmp_path / "none"),
-                   "--data", str(class_tree / "train"), "--val-data", str(class_tree / "val"), check=False)
-    assert proc.returncode == 2 and "no checkpoint found" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli("finetune", "--config", "fashion-mnist-tiny", "--checkpoint", str(pretrained), "--data",
-                   str(photo_dir), "--val-data", str(class_tree / "val"), check=False)
+    proc = run_cli(
+        "finetune",
+        "--config",
+        "fashion-mnist-tiny",
+        "--checkpoint",
+        str(tmp_path / "none"),
+        "--data",
+        str(class_tree / "train"),
+        "--val-data",
+        str(class_tree / "val"),
+        check=False,
+    )
+    assert (
+        proc.returncode == 2
+        and "no checkpoint found" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
+    proc = run_cli(
+        "finetune",
+        "--config",
+        "fashion-mnist-tiny",
+        "--checkpoint",
+        str(pretrained),
+        "--data",
+        str(photo_dir),
+        "--val-data",
+        str(class_tree / "val"),
+        check=False,
+    )
+    # a flat folder of photos has no classes: the error says so and what fine-tuning needs
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "class sub-folder" in proc.stderr and str(photo_dir) in proc.stderr
     proc = run_cli("finetune", "--config", "fashion-mnist-tiny", "batch_size=7", check=False)
     assert proc.returncode == 2 and "even micro-batch" in proc.stderr
 
@@ -77,12 +138,15 @@ def test_posterize_zero_bits_is_black():
     assert np.asarray(posterize(img, 1))[0, 0].tolist() == [128, 0, 0]
 
 
-# ------------------------------------------------------------------------------ MAE framework: timm's ViT
+# ------------------------------------------------------------------------------ MAE framework:
+# timm's ViT
 def test_finetune_from_an_mae_checkpoint(mae_run, class_tree, tmp_path):
     proc = finetune(mae_run, class_tree, tmp_path / "ft", "--max-steps", "2")
     # MAE's protocol with mean pooling: the pre-trained final norm gives way to a new fc_norm
-    assert ("new keys ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']; pre-trained keys not used "
-            "['norm.bias', 'norm.weight']") in proc.stdout
+    assert (
+        "new keys ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']; "
+        "pre-trained keys not used ['norm.bias', 'norm.weight']"
+    ) in proc.stdout
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 2 and summary["classes"] == 3 and summary["val_images"] == 12
     ckpt = load_checkpoint(latest_checkpoint(tmp_path / "ft"))
@@ -101,21 +165,31 @@ def test_mae_finetune_model_starts_as_the_pretrained_encoder(mae_run):
     student = student_from_checkpoint(load_checkpoint(latest_checkpoint(mae_run))).eval()
     overrides = parse_overrides(["global_pool=token", "drop_path=0", "rel_pos_init=shared"])
     cfg = load_config("fashion-mnist-tiny", overrides, kind="finetune")
-    model, kwargs, report = build_model(cfg, 3, student, "x")  # rel_pos_init does not apply to a ViT
+    model, kwargs, report = build_model(
+        cfg, 3, student, "x"
+    )  # rel_pos_init does not apply to a ViT
     assert type(model).__name__ == "VisionTransformer" and kwargs["drop_path_rate"] == 0
     assert report["new"] == ["head.bias", "head.weight"] and report["dropped"] == []
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.eval().forward_features(x), student.encoder.forward_features(x))
     assert model.pos_embed.requires_grad and not student.encoder.pos_embed.requires_grad
-    # layer-wise decay: pos_embed and cls_token in the stem group (smallest scale), without weight decay
-    groups = param_groups_layer_decay(model, 0.05, no_weight_decay_list=model.no_weight_decay(), layer_decay=0.75)
+    # layer-wise decay: pos_embed and cls_token in the stem group (smallest scale), without
+    # weight decay
+    groups = param_groups_layer_decay(
+        model, 0.05, no_weight_decay_list=model.no_weight_decay(), layer_decay=0.75
+    )
     stem = min(groups, key=lambda g: g["lr_scale"])
     assert len({g["lr_scale"] for g in groups}) == 4  # stem, 2 blocks, head
-    assert any(p is model.pos_embed for g in groups if g["lr_scale"] == stem["lr_scale"] and g["weight_decay"] == 0
-               for p in g["params"])
+    assert any(
+        p is model.pos_embed
+        for g in groups
+        if g["lr_scale"] == stem["lr_scale"] and g["weight_decay"] == 0
+        for p in g["params"]
+    )
 
-    # another input size: the position embedding is resampled to the new grid (the class token's row kept)
+    # another input size: the position embedding is resampled to the new grid (the class token's
+    # row kept)
     cfg = load_config("fashion-mnist-tiny", parse_overrides(["img_size=48"]), kind="finetune")
     model, kwargs, report = build_model(cfg, 3, student, "x")
     assert kwargs["img_size"] == 48 and model.pos_embed.shape == (1, 1 + 12 * 12, student.embed_dim)

@@ -1,4 +1,5 @@
 """DTM loss: values against direct per-token formulas, gradients, options, the nn.Module wrapper."""
+
 import random
 
 import pytest
@@ -30,8 +31,10 @@ def _direct_distance(u, v, distance, beta):
 
 def _data(B=3, N=49, C=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, N, C, generator=g, dtype=torch.float64) * 2,
-            torch.randn(B, N, C, generator=g, dtype=torch.float64) * 2)
+    return (
+        torch.randn(B, N, C, generator=g, dtype=torch.float64) * 2,
+        torch.randn(B, N, C, generator=g, dtype=torch.float64) * 2,
+    )
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
@@ -70,13 +73,23 @@ def test_masked_only_and_per_group():
     d = _direct_distance(u, v, "smooth_l1", 2.0)  # (B, N)
     torch.testing.assert_close(dtm_loss(pred, target, [s], mask=mask), d[mask].mean())
     # one term per group: group distances, each group once
-    group_d = torch.stack([_direct_distance((Mi @ pred[b]) / Mi.sum(1, keepdim=True),
-                                            (Mi @ target[b]) / Mi.sum(1, keepdim=True), "smooth_l1", 2.0)
-                           for b, Mi in enumerate(M)])
+    group_d = torch.stack(
+        [
+            _direct_distance(
+                (Mi @ pred[b]) / Mi.sum(1, keepdim=True),
+                (Mi @ target[b]) / Mi.sum(1, keepdim=True),
+                "smooth_l1",
+                2.0,
+            )
+            for b, Mi in enumerate(M)
+        ]
+    )
     torch.testing.assert_close(dtm_loss(pred, target, [s], per_group=True), group_d.mean())
     # per group with mask: only groups holding a masked token
     has_masked = torch.stack([(Mi @ mask[b].double()) > 0 for b, Mi in enumerate(M)])
-    torch.testing.assert_close(dtm_loss(pred, target, [s], per_group=True, mask=mask), group_d[has_masked].mean())
+    torch.testing.assert_close(
+        dtm_loss(pred, target, [s], per_group=True, mask=mask), group_d[has_masked].mean()
+    )
 
 
 def test_normalize_target_after_aggregation():
@@ -86,7 +99,9 @@ def test_normalize_target_after_aggregation():
     v = _broadcast_means(M, target)
     v = (v - v.mean(-1, keepdim=True)) / torch.sqrt(v.var(-1, unbiased=False, keepdim=True) + 1e-6)
     expected = _direct_distance(_broadcast_means(M, pred), v, "l2", 2.0).mean()
-    torch.testing.assert_close(dtm_loss(pred, target, [s], distance="l2", normalize_target=True), expected)
+    torch.testing.assert_close(
+        dtm_loss(pred, target, [s], distance="l2", normalize_target=True), expected
+    )
 
 
 def test_token_wise_when_schedule_is_zero():
@@ -121,7 +136,9 @@ def test_bf16_inputs_under_autocast_compute_in_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = dtm_loss(pred.bfloat16(), target.bfloat16(), [[6, 6]])
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, dtm_loss(pred.bfloat16().float(), target.bfloat16().float(), [[6, 6]]))
+    torch.testing.assert_close(
+        loss, dtm_loss(pred.bfloat16().float(), target.bfloat16().float(), [[6, 6]])
+    )
 
 
 def test_token_distance_needs_v_for_cosine_and_rejects_unknown():
@@ -130,7 +147,12 @@ def test_token_distance_needs_v_for_cosine_and_rejects_unknown():
     with pytest.raises(ValueError, match="distance"):
         dtm_loss(torch.randn(1, 4, 2), torch.randn(1, 4, 2), [[1]], distance="huber")
     with pytest.raises(ValueError, match="mask"):
-        dtm_loss(torch.randn(1, 4, 2), torch.randn(1, 4, 2), [[1]], mask=torch.ones(1, 5, dtype=torch.bool))
+        dtm_loss(
+            torch.randn(1, 4, 2),
+            torch.randn(1, 4, 2),
+            [[1]],
+            mask=torch.ones(1, 5, dtype=torch.bool),
+        )
 
 
 def test_dtm_loss_module_samples_schedules_reproducibly():

@@ -1,4 +1,5 @@
 """Masking: exact counts, block geometry, determinism, MAE ids_keep / ids_restore."""
+
 import numpy as np
 import pytest
 import torch

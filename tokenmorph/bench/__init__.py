@@ -1,9 +1,18 @@
-"""Benchmarks that print numbers (``tokenmorph bench ...``): where a step's time goes, against the
+"""Benchmarks that print numbers (``tokenmorph bench ...``): where a step's time goes, against
+   the
 official release's formulation measured in the same run."""
+
 from .morph import bench_morph
 from .pretrain import bench_objectives, bench_pretrain
 from .release import release_dense_dtm_loss, release_dense_membership
 from .timing import matmul_peak, timeit
 
-__all__ = ["bench_morph", "bench_pretrain", "bench_objectives", "release_dense_dtm_loss", "release_dense_membership",
-           "matmul_peak", "timeit"]
+__all__ = [
+    "bench_morph",
+    "bench_pretrain",
+    "bench_objectives",
+    "release_dense_dtm_loss",
+    "release_dense_membership",
+    "matmul_peak",
+    "timeit",
+]

@@ -1,9 +1,11 @@
-"""``tokenmorph bench morph``: the DTM loss forward + backward of tokenmorph against the release's dense
-formulation, in the same run, with the loss and gradient differences."""
+"""``tokenmorph bench morph``: the DTM loss forward + backward of tokenmorph against the
+   release's
+dense formulation, in the same run, with the loss and gradient differences."""
+
 from __future__ import annotations
 
 import platform
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -1,13 +1,15 @@
 """``tokenmorph bench pretrain``: where a pre-training step's time goes.
 
-:func:`bench_pretrain` times full DTM steps per phase against the release's step; :func:`bench_objectives`
-times the real step of ``tokenmorph pretrain`` for every framework x objective in one run.
+:func:`bench_pretrain` times full DTM steps per phase against the release's step;
+:func:`bench_objectives` times the real step of ``tokenmorph pretrain`` for every framework x
+objective in one run.
 """
+
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -20,14 +22,27 @@ from .timing import Timed, matmul_peak
 __all__ = ["bench_pretrain", "bench_objectives"]
 
 
-def bench_pretrain(model: str = "small", teacher: str = "clip-vit-b16", random_init: bool = True, batch_size: int = 16,
-                   steps: int = 3, device: str = "cpu", precision: str = "bf16", img_size: int = 224,
-                   patch_size: int = 16, baseline: bool = True, seed: int = 0, teacher_weights=None) -> dict:
+def bench_pretrain(
+    model: str = "small",
+    teacher: str = "clip-vit-b16",
+    random_init: bool = True,
+    batch_size: int = 16,
+    steps: int = 3,
+    device: str = "cpu",
+    precision: str = "bf16",
+    img_size: int = 224,
+    patch_size: int = 16,
+    baseline: bool = True,
+    seed: int = 0,
+    teacher_weights=None,
+) -> dict:
     """Full DTM pre-training steps on synthetic images, timed per phase.
 
-    Phases: teacher forward, student forward, morph + loss (forward), backward, optimiser (clip + AdamW).
-    ``baseline=True`` also times the official release's step on the same models and batch: fp32, the
-    explicit attention path, the dense morphing formulation; the ratio of images/s is reported.
+    Phases: teacher forward, student forward, morph + loss (forward), backward, optimiser (clip +
+    AdamW). ``baseline=True`` also times the official release's step on the same models and
+    batch:
+    fp32, the explicit attention path, the dense morphing formulation; the ratio of images/s is
+    reported.
     """
     import random as _random
 
@@ -42,15 +57,31 @@ def bench_pretrain(model: str = "small", teacher: str = "clip-vit-b16", random_i
     dev = torch.device(device)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     amp_dtype = autocast_dtype(precision)
-    t_model = build_teacher(teacher, weights=teacher_weights, random_init=random_init, amp=amp_dtype is not None,
-                            amp_dtype=amp_dtype or torch.bfloat16, patch_size=patch_size, device=dev)
-    student = create_student(model, target_dim=t_model.dim, img_size=img_size, patch_size=patch_size).to(dev)
+    t_model = build_teacher(
+        teacher,
+        weights=teacher_weights,
+        random_init=random_init,
+        amp=amp_dtype is not None,
+        amp_dtype=amp_dtype or torch.bfloat16,
+        patch_size=patch_size,
+        device=dev,
+    )
+    student = create_student(
+        model, target_dim=t_model.dim, img_size=img_size, patch_size=patch_size
+    ).to(dev)
     grid = student.grid
     n = student.num_patches
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05)
-    images = torch.rand(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed)).to(dev)
-    mask = block_mask(batch_size, grid, num_masked=round(n * 75 / 196), min_num_patches=max(1, round(n * 16 / 196)),
-                      seed=seed).to(dev)
+    images = torch.rand(
+        batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed)
+    ).to(dev)
+    mask = block_mask(
+        batch_size,
+        grid,
+        num_masked=round(n * 75 / 196),
+        min_num_patches=max(1, round(n * 16 / 196)),
+        seed=seed,
+    ).to(dev)
     criterion = DTMLoss(num_levels=2)
 
     def autocast():
@@ -58,7 +89,7 @@ def bench_pretrain(model: str = "small", teacher: str = "clip-vit-b16", random_i
             return torch.autocast(dev.type, enabled=False)
         return torch.autocast(dev.type, dtype=amp_dtype)
 
-    def step(phases: Optional[dict], loss_fn, rng) -> None:
+    def step(phases: dict | None, loss_fn, rng) -> None:
         marks = [time.perf_counter()]
 
         def mark():
@@ -79,7 +110,11 @@ def bench_pretrain(model: str = "small", teacher: str = "clip-vit-b16", random_i
         opt.zero_grad(set_to_none=True)
         mark()
         if phases is not None:
-            for name, a, b in zip(("teacher", "student_forward", "morph_loss", "backward", "optimizer"), marks, marks[1:]):
+            for name, a, b in zip(
+                ("teacher", "student_forward", "morph_loss", "backward", "optimizer"),
+                marks,
+                marks[1:],
+            ):
                 phases[name] = phases.get(name, 0.0) + (b - a)
 
     def run(loss_fn, label: str) -> dict:
@@ -90,8 +125,12 @@ def bench_pretrain(model: str = "small", teacher: str = "clip-vit-b16", random_i
         for _ in range(steps):
             step(phases, loss_fn, rng)
         total = time.perf_counter() - t0
-        return {"label": label, "step_s": total / steps, "images_per_second": batch_size * steps / total,
-                "phases_s": {k: v / steps for k, v in phases.items()}}
+        return {
+            "label": label,
+            "step_s": total / steps,
+            "images_per_second": batch_size * steps / total,
+            "phases_s": {k: v / steps for k, v in phases.items()},
+        }
 
     ours = run(lambda p, t, s: dtm_loss(p, t, s), "tokenmorph")
     # FLOPs of one step's models (teacher forward, student forward + backward), counted by torch.
@@ -103,13 +142,25 @@ def bench_pretrain(model: str = "small", teacher: str = "clip-vit-b16", random_i
     peak_fp32 = peak if amp_dtype is None else matmul_peak(torch.float32, device)
     result = {
         "benchmark": "pretrain",
-        "student": model, "teacher": teacher, "random_init": random_init, "batch_size": batch_size, "steps": steps,
-        "device": device, "precision": precision, "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "images_per_second": ours["images_per_second"], "step_s": ours["step_s"], "phases_s": ours["phases_s"],
-        "model_flops_per_step": flops, "achieved_flops_per_s": flops / ours["step_s"],
-        "matmul_peak_flops_per_s": peak, "fraction_of_peak": flops / ours["step_s"] / peak,
+        "student": model,
+        "teacher": teacher,
+        "random_init": random_init,
+        "batch_size": batch_size,
+        "steps": steps,
+        "device": device,
+        "precision": precision,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "images_per_second": ours["images_per_second"],
+        "step_s": ours["step_s"],
+        "phases_s": ours["phases_s"],
+        "model_flops_per_step": flops,
+        "achieved_flops_per_s": flops / ours["step_s"],
+        "matmul_peak_flops_per_s": peak,
+        "fraction_of_peak": flops / ours["step_s"] / peak,
         # the ceiling of any precision-only speed-up over an fp32 step on this machine
-        "matmul_peak_fp32_flops_per_s": peak_fp32, "peak_ratio_vs_fp32": peak / peak_fp32,
+        "matmul_peak_fp32_flops_per_s": peak_fp32,
+        "peak_ratio_vs_fp32": peak / peak_fp32,
     }
     if baseline:
         t_model.amp = False
@@ -117,25 +168,41 @@ def bench_pretrain(model: str = "small", teacher: str = "clip-vit-b16", random_i
         set_explicit_attention(student)
         amp_dtype = None
         base = run(lambda p, t, s: release_dense_dtm_loss(p.float(), t, s), "release")
-        result["baseline"] = {"what": "release step: fp32, explicit attention, dense morphing",
-                              "images_per_second": base["images_per_second"], "step_s": base["step_s"],
-                              "phases_s": base["phases_s"]}
+        result["baseline"] = {
+            "what": "release step: fp32, explicit attention, dense morphing",
+            "images_per_second": base["images_per_second"],
+            "step_s": base["step_s"],
+            "phases_s": base["phases_s"],
+        }
         result["speedup_vs_release"] = ours["images_per_second"] / base["images_per_second"]
     return result
 
 
-def bench_objectives(frameworks: Sequence[str] = ("beit", "mae"), objectives: Sequence[str] = ("mask",),
-                     model: str = "small", teacher: str = "pixels", random_init: bool = True, batch_size: int = 16,
-                     steps: int = 3, device: str = "cpu", precision: str = "bf16", img_size: int = 224,
-                     patch_size: int = 16, decoder: str = "release", mask_ratio: float = 0.75, seed: int = 0,
-                     teacher_weights=None) -> dict:
-    """The real pre-training step (:class:`tokenmorph.objectives.PretrainObjective`, the students and
-    teachers ``tokenmorph pretrain`` builds) for every framework x objective, timed in one run.
+def bench_objectives(
+    frameworks: Sequence[str] = ("beit", "mae"),
+    objectives: Sequence[str] = ("mask",),
+    model: str = "small",
+    teacher: str = "pixels",
+    random_init: bool = True,
+    batch_size: int = 16,
+    steps: int = 3,
+    device: str = "cpu",
+    precision: str = "bf16",
+    img_size: int = 224,
+    patch_size: int = 16,
+    decoder: str = "release",
+    mask_ratio: float = 0.75,
+    seed: int = 0,
+    teacher_weights=None,
+) -> dict:
+    """The real pre-training step (:class:`tokenmorph.objectives.PretrainObjective`, the students
+    and teachers ``tokenmorph pretrain`` builds) for every framework x objective, timed in one
+    run.
 
-    Phases per step (means): teacher (targets), student (forward), rest of the forward (degradation,
-    masking gather/scatter, loss), backward, optimiser (clip + AdamW). ``step_s`` is the median step
-    after two warm-up steps. Reports each combination's step and its ratios to the BEiT-framework step
-    and to plain masking of the same framework.
+    Phases per step (means): teacher (targets), student (forward), rest of the forward
+    (degradation, masking gather/scatter, loss), backward, optimiser (clip + AdamW). ``step_s``
+    is the median step after two warm-up steps. Reports each combination's step and its ratios to
+    the BEiT-framework step and to plain masking of the same framework.
     """
     from ..recipes.config import PretrainConfig
     from ..recipes.objectives import PretrainObjective
@@ -146,22 +213,45 @@ def bench_objectives(frameworks: Sequence[str] = ("beit", "mae"), objectives: Se
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     amp_dtype = autocast_dtype(precision)
     n = (img_size // patch_size) ** 2
-    frameworks, objectives = list(dict.fromkeys(frameworks)), list(dict.fromkeys(objectives))  # each once
+    frameworks, objectives = (
+        list(dict.fromkeys(frameworks)),
+        list(dict.fromkeys(objectives)),
+    )  # each once
     rows = []
     for framework in frameworks:
         for objective in objectives:
-            cfg = PretrainConfig(model=model, img_size=img_size, patch_size=patch_size, teacher=teacher,
-                                 teacher_random_init=random_init, teacher_weights=teacher_weights, framework=framework,
-                                 objective=objective, decoder=decoder, mask_ratio=mask_ratio, precision=precision,
-                                 num_masked=round(n * 75 / 196), min_mask_block=max(1, round(n * 16 / 196)),
-                                 drop_path=0.0 if framework == "mae" else 0.1, seed=seed).validate()
-            student, t_model = build_student_and_teacher(cfg, dev, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+            cfg = PretrainConfig(
+                model=model,
+                img_size=img_size,
+                patch_size=patch_size,
+                teacher=teacher,
+                teacher_random_init=random_init,
+                teacher_weights=teacher_weights,
+                framework=framework,
+                objective=objective,
+                decoder=decoder,
+                mask_ratio=mask_ratio,
+                precision=precision,
+                num_masked=round(n * 75 / 196),
+                min_mask_block=max(1, round(n * 16 / 196)),
+                drop_path=0.0 if framework == "mae" else 0.1,
+                seed=seed,
+            ).validate()
+            student, t_model = build_student_and_teacher(
+                cfg, dev, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+            )
             obj = PretrainObjective(t_model, student.grid, cfg)
             rng = np.random.default_rng(seed)
             side = obj.degradation.view_side
-            images = torch.rand(batch_size, 3, side, side, generator=torch.Generator().manual_seed(seed))
-            batch = batch_to_device(collate_keyed([(img, 0, obj.sample(rng)) for img in images]), dev)
-            opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
+            images = torch.rand(
+                batch_size, 3, side, side, generator=torch.Generator().manual_seed(seed)
+            )
+            batch = batch_to_device(
+                collate_keyed([(img, 0, obj.sample(rng)) for img in images]), dev
+            )
+            opt = torch.optim.AdamW(
+                [p for p in student.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95)
+            )
             phases: dict = {}
             obj.teacher = Timed(t_model, "teacher", phases, sync)
             timed_student = Timed(student, "student_forward", phases, sync)
@@ -171,7 +261,9 @@ def bench_objectives(frameworks: Sequence[str] = ("beit", "mae"), objectives: Se
             def step(i: int) -> None:
                 sync()
                 t0 = time.perf_counter()
-                with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                with torch.autocast(
+                    dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+                ):
                     loss, step_logs = obj(timed_student, batch, i)
                 logs.update(step_logs, loss=float(loss.detach()))
                 sync()
@@ -199,11 +291,19 @@ def bench_objectives(frameworks: Sequence[str] = ("beit", "mae"), objectives: Se
             ph = {k: v / steps for k, v in phases.items()}
             ph["loss_and_degradation"] = ph.pop("forward") - ph["teacher"] - ph["student_forward"]
             order = ("teacher", "student_forward", "loss_and_degradation", "backward", "optimizer")
-            rows.append({"framework": framework, "objective": objective, "step_s": step_s,
-                         "images_per_second": batch_size / step_s, "phases_s": {k: ph[k] for k in order},
-                         "params_trained": sum(p.numel() for p in student.parameters() if p.requires_grad),
-                         "last_step_logs": dict(logs)})
-            del student, t_model, obj, opt
+            rows.append(
+                {
+                    "framework": framework,
+                    "objective": objective,
+                    "step_s": step_s,
+                    "images_per_second": batch_size / step_s,
+                    "phases_s": {k: ph[k] for k in order},
+                    "params_trained": sum(
+                        p.numel() for p in student.parameters() if p.requires_grad
+                    ),
+                    "last_step_logs": dict(logs),
+                }
+            )
     by = {(r["framework"], r["objective"]): r for r in rows}
     for r in rows:
         beit = by.get(("beit", r["objective"]))
@@ -212,7 +312,20 @@ def bench_objectives(frameworks: Sequence[str] = ("beit", "mae"), objectives: Se
             r["step_vs_beit"] = r["step_s"] / beit["step_s"]
         if plain is not None and r["objective"] != "mask":
             r["step_vs_mask"] = r["step_s"] / plain["step_s"]
-    return {"benchmark": "pretrain-objectives", "student": model, "teacher": teacher, "random_init": random_init,
-            "batch_size": batch_size, "steps": steps, "device": device, "precision": precision, "img_size": img_size,
-            "patch_size": patch_size, "decoder": decoder, "mask_ratio": mask_ratio, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "results": rows}
+    return {
+        "benchmark": "pretrain-objectives",
+        "student": model,
+        "teacher": teacher,
+        "random_init": random_init,
+        "batch_size": batch_size,
+        "steps": steps,
+        "device": device,
+        "precision": precision,
+        "img_size": img_size,
+        "patch_size": patch_size,
+        "decoder": decoder,
+        "mask_ratio": mask_ratio,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "results": rows,
+    }

@@ -1,9 +1,11 @@
-"""The official release's DTM formulation, as it computes it, for the benchmarks' baseline: a dense
+"""The official release's DTM formulation, as it computes it, for the benchmarks' baseline: a
+   dense
 (B, n, N) membership matrix per iteration and aggregation by matrix products."""
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,9 +16,9 @@ __all__ = ["release_dense_membership", "release_dense_dtm_loss", "set_explicit_a
 def release_dense_membership(tokens: torch.Tensor, schedule: Sequence[int]) -> torch.Tensor:
     """The release's morphing, as it computes it: (B, N, D) -> binary membership (B, G, N).
 
-    Every iteration normalises the size-weighted group features, matches the alternating halves with a
-    (B, n/2, n/2) similarity product, merges features (``x * size`` summed) and the (B, n, N) source
-    matrix with gather/scatter. First token protected (the release's class-token flag).
+    Every iteration normalises the size-weighted group features, matches the alternating halves
+    with a (B, n/2, n/2) similarity product, merges features (``x * size`` summed) and the (B, n,
+    N) source matrix with gather/scatter. First token protected (the release's class-token flag).
     """
     B, N, D = tokens.shape
     x = tokens.detach().float()
@@ -52,7 +54,9 @@ def release_dense_membership(tokens: torch.Tensor, schedule: Sequence[int]) -> t
     return source
 
 
-def release_dense_dtm_loss(pred: torch.Tensor, target: torch.Tensor, schedules, beta: float = 2.0) -> torch.Tensor:
+def release_dense_dtm_loss(
+    pred: torch.Tensor, target: torch.Tensor, schedules, beta: float = 2.0
+) -> torch.Tensor:
     """The release's DTM loss: dense aggregation ``source @ x / size``, broadcast back with
     ``source^T @``, smooth-L1 mean over all B x N x C, averaged over levels."""
     losses = []

@@ -1,10 +1,11 @@
-"""Timing helpers of the benchmarks: median wall times, the same-run matrix-product peak, and a wrapper that
-adds a callable's time to a phase."""
+"""Timing helpers of the benchmarks: median wall times, the same-run matrix-product peak, and a
+wrapper that adds a callable's time to a phase."""
+
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -23,8 +24,11 @@ def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
 
 
-def matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
-    """Best achieved FLOP/s of an (n x n) @ (n x n) product at ``dtype``: the same-run reference peak."""
+def matmul_peak(
+    dtype: torch.dtype = torch.bfloat16, device: str = "cpu", n: int = 2048, repeats: int = 5
+) -> float:
+    """Best achieved FLOP/s of an (n x n) @ (n x n) product at ``dtype``: the same-run reference
+    peak."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
 
@@ -38,8 +42,8 @@ def matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", n: int
 
 
 class Timed:
-    """Wraps a callable and adds its wall time (device-synchronised) to ``phases[phase]``; every other
-    attribute is the wrapped object's (a teacher's ``name``, ``dim``, ...)."""
+    """Wraps a callable and adds its wall time (device-synchronised) to ``phases[phase]``; every
+    other attribute is the wrapped object's (a teacher's ``name``, ``dim``, ...)."""
 
     def __init__(self, fn: Callable, phase: str, phases: dict, sync: Callable) -> None:
         self._fn, self._phase, self._phases, self._sync = fn, phase, phases, sync

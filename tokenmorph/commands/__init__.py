@@ -1,8 +1,9 @@
-"""The ``tokenmorph`` commands, one module each (argparse + run); :mod:`tokenmorph.cli` registers them.
+"""The ``tokenmorph`` commands, one module each (argparse + run); :mod:`tokenmorph.cli` registers
+them.
 
-Each module defines ``HELP`` (one line), ``DESCRIPTION``, ``add_arguments(parser)`` and ``run(args) -> int``.
-Module level imports nothing heavy, so that listing the commands is instant; ``add_arguments`` runs only
-for the command asked for.
+Each module defines ``HELP`` (one line), ``DESCRIPTION``, ``add_arguments(parser)`` and
+``run(args) -> int``. Module level imports nothing heavy, so that listing the commands is
+instant; ``add_arguments`` runs only for the command asked for.
 """
 
 # (group or None, name, module under tokenmorph.commands), in the order --help lists them

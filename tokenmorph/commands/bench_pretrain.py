@@ -1,4 +1,6 @@
-"""``tokenmorph bench pretrain``: where a pre-training step's time goes, against the release's step."""
+"""``tokenmorph bench pretrain``: where a pre-training step's time goes, against the release's
+step."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,11 +10,12 @@ from ..errors import ConfigError
 
 HELP = "full DTM pre-training steps, timed per phase, against the release's step"
 DESCRIPTION = """\
-Runs full DTM pre-training steps (teacher forward, student forward/backward on masked input, DTM loss with
-two sampled levels, clipping, AdamW) on synthetic images and reports images/s, a per-phase breakdown, the
-step's model FLOPs, achieved FLOP/s and their fraction of a matrix-product peak measured in the same run;
-then the same for the official release's step (fp32, explicit attention, dense morphing). With --framework
-and/or --objective it times instead the real step of tokenmorph pretrain for every framework x objective."""
+Runs full DTM pre-training steps (teacher forward, student forward/backward on masked input, DTM
+loss with two sampled levels, clipping, AdamW) on synthetic images and reports images/s, a
+per-phase breakdown, the step's model FLOPs, achieved FLOP/s and their fraction of a
+matrix-product peak measured in the same run; then the same for the official release's step
+(fp32, explicit attention, dense morphing). With --framework and/or --objective it times instead
+the real step of tokenmorph pretrain for every framework x objective."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,25 +23,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..ops.degrade import OBJECTIVES
     from ..runtime.precision import PRECISIONS
 
-    parser.add_argument("--model", default="small", choices=list(STUDENT_SIZES), help="student size")
-    parser.add_argument("--teacher", default="clip-vit-b16", help="teacher name (default clip-vit-b16)")
-    parser.add_argument("--random-init", action="store_true", help="random teacher weights (no download)")
+    parser.add_argument(
+        "--model", default="small", choices=list(STUDENT_SIZES), help="student size"
+    )
+    parser.add_argument(
+        "--teacher", default="clip-vit-b16", help="teacher name (default clip-vit-b16)"
+    )
+    parser.add_argument(
+        "--random-init", action="store_true", help="random teacher weights (no download)"
+    )
     parser.add_argument("--teacher-weights", help="teacher weights file")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3,
-                        help="timed steps after warm-up (one; two with --framework/--objective)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="timed steps after warm-up (one; two with --framework/--objective)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="bf16", choices=list(PRECISIONS))
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--patch-size", type=int, default=16)
-    parser.add_argument("--no-baseline", action="store_true", help="skip the release-step comparison")
-    parser.add_argument("--framework", help=f"comma-separated {','.join(FRAMEWORKS)}: time the real step of each "
-                        "framework x objective (tokenmorph pretrain's objective) in one run, with ratios, instead "
-                        "of the release comparison")
-    parser.add_argument("--objective", help=f"comma-separated objectives ({', '.join(OBJECTIVES)}) for --framework "
-                        f"(default mask; --objective alone implies --framework {','.join(FRAMEWORKS)})")
-    parser.add_argument("--decoder", default="release", choices=list(DECODER_PRESETS),
-                        help="MAE decoder preset (release 4x384 or mae 8x512)")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip the release-step comparison"
+    )
+    parser.add_argument(
+        "--framework",
+        help=f"comma-separated {','.join(FRAMEWORKS)}: time the real step of each "
+        "framework x objective (tokenmorph pretrain's objective) in one run, with ratios, instead "
+        "of the release comparison",
+    )
+    parser.add_argument(
+        "--objective",
+        help=f"comma-separated objectives ({', '.join(OBJECTIVES)}) for --framework "
+        f"(default mask; --objective alone implies --framework {','.join(FRAMEWORKS)})",
+    )
+    parser.add_argument(
+        "--decoder",
+        default="release",
+        choices=list(DECODER_PRESETS),
+        help="MAE decoder preset (release 4x384 or mae 8x512)",
+    )
     parser.add_argument("--mask-ratio", type=float, default=0.75, help="MAE framework mask ratio")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -51,24 +76,53 @@ def _objectives(args: argparse.Namespace) -> int:
 
     frameworks = [f for f in (args.framework or ",".join(FRAMEWORKS)).split(",") if f]
     objectives = [o for o in (args.objective or "mask").split(",") if o]
-    for value, allowed, flag in ((frameworks, tuple(FRAMEWORKS), "--framework"), (objectives, OBJECTIVES, "--objective")):
+    for value, allowed, flag in (
+        (frameworks, tuple(FRAMEWORKS), "--framework"),
+        (objectives, OBJECTIVES, "--objective"),
+    ):
         bad = [v for v in value if v not in allowed]
         if bad:
-            raise ConfigError(f"{flag} {','.join(bad)}: not one of {', '.join(allowed)} (give a comma-separated list)")
-    r = bench_objectives(frameworks, objectives, args.model, args.teacher, args.random_init, args.batch_size, args.steps,
-                         args.device, args.precision, args.img_size, args.patch_size, args.decoder, args.mask_ratio,
-                         args.seed, args.teacher_weights)
+            raise ConfigError(
+                f"{flag} {','.join(bad)}: not one of {', '.join(allowed)} (give a comma-separated "
+                "list)"
+            )
+    r = bench_objectives(
+        frameworks,
+        objectives,
+        args.model,
+        args.teacher,
+        args.random_init,
+        args.batch_size,
+        args.steps,
+        args.device,
+        args.precision,
+        args.img_size,
+        args.patch_size,
+        args.decoder,
+        args.mask_ratio,
+        args.seed,
+        args.teacher_weights,
+    )
     if args.json:
         print(json.dumps(r))
         return 0
-    print(f"pre-training steps: student {r['student']}, teacher {r['teacher']}, batch {r['batch_size']}, "
-          f"{r['img_size']} px / patch {r['patch_size']}, decoder {r['decoder']}, {r['precision']} on {r['device']} "
-          f"({r['threads']} threads)")
+    print(
+        f"pre-training steps: student {r['student']}, teacher {r['teacher']}, batch "
+        f"{r['batch_size']}, "
+        f"{r['img_size']} px / patch {r['patch_size']}, decoder {r['decoder']}, {r['precision']} "
+        f"on {r['device']} "
+        f"({r['threads']} threads)"
+    )
     for x in r["results"]:
-        ratios = "".join(f", {x[k]:.2f}x the {label} step" for k, label in
-                         (("step_vs_beit", "beit"), ("step_vs_mask", "mask")) if k in x)
-        print(f"  {x['framework']:5s} {x['objective']:13s} {x['step_s'] * 1e3:8.0f} ms/step  "
-              f"{x['images_per_second']:7.2f} img/s{ratios}")
+        ratios = "".join(
+            f", {x[k]:.2f}x the {label} step"
+            for k, label in (("step_vs_beit", "beit"), ("step_vs_mask", "mask"))
+            if k in x
+        )
+        print(
+            f"  {x['framework']:5s} {x['objective']:13s} {x['step_s'] * 1e3:8.0f} ms/step  "
+            f"{x['images_per_second']:7.2f} img/s{ratios}"
+        )
         print("      " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in x["phases_s"].items()))
     return 0
 
@@ -78,20 +132,40 @@ def run(args: argparse.Namespace) -> int:
 
     if args.framework or args.objective:
         return _objectives(args)
-    r = bench_pretrain(args.model, args.teacher, args.random_init, args.batch_size, args.steps, args.device,
-                       args.precision, args.img_size, args.patch_size, not args.no_baseline, args.seed,
-                       args.teacher_weights)
+    r = bench_pretrain(
+        args.model,
+        args.teacher,
+        args.random_init,
+        args.batch_size,
+        args.steps,
+        args.device,
+        args.precision,
+        args.img_size,
+        args.patch_size,
+        not args.no_baseline,
+        args.seed,
+        args.teacher_weights,
+    )
     if args.json:
         print(json.dumps(r))
         return 0
-    print(f"DTM pre-training step: student {r['student']}, teacher {r['teacher']}, batch {r['batch_size']}, "
-          f"{r['precision']} on {r['device']} ({r['threads']} threads)")
-    print(f"  {r['images_per_second']:.2f} img/s, {r['step_s'] * 1e3:.0f} ms/step, "
-          f"{r['achieved_flops_per_s'] / 1e9:.0f} GFLOP/s = {100 * r['fraction_of_peak']:.0f}% of the "
-          f"{r['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s matmul peak")
+    print(
+        f"DTM pre-training step: student {r['student']}, teacher {r['teacher']}, batch "
+        f"{r['batch_size']}, "
+        f"{r['precision']} on {r['device']} ({r['threads']} threads)"
+    )
+    print(
+        f"  {r['images_per_second']:.2f} img/s, {r['step_s'] * 1e3:.0f} ms/step, "
+        f"{r['achieved_flops_per_s'] / 1e9:.0f} GFLOP/s = {100 * r['fraction_of_peak']:.0f}% of "
+        "the "
+        f"{r['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s matmul peak"
+    )
     for name, t in r["phases_s"].items():
         print(f"    {name:16s} {t * 1e3:8.1f} ms  ({100 * t / r['step_s']:4.1f}%)")
     if "baseline" in r:
-        print(f"  release step (fp32, explicit attention, dense morphing): {r['baseline']['images_per_second']:.2f} "
-              f"img/s  -> speed-up {r['speedup_vs_release']:.2f}x")
+        print(
+            "  release step (fp32, explicit attention, dense morphing): "
+            f"{r['baseline']['images_per_second']:.2f} "
+            f"img/s  -> speed-up {r['speedup_vs_release']:.2f}x"
+        )
     return 0

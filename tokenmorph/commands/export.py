@@ -1,4 +1,6 @@
-"""``tokenmorph export``: a pre-training checkpoint's student encoder as timm weights and a JSON recipe."""
+"""``tokenmorph export``: a pre-training checkpoint's student encoder as timm weights and a JSON
+recipe."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,30 +8,40 @@ import json
 
 HELP = "export a student encoder as a timm-loadable safetensors file"
 DESCRIPTION = """\
-Export the student encoder of a pre-training checkpoint (a file, or a run folder: its newest checkpoint)
-as a timm-compatible state dict in OUT.safetensors, and OUT.json with the timm model name and keyword
-arguments that rebuild it. Load it in timm, strictly (no missing or unexpected keys):
+Export the student encoder of a pre-training checkpoint (a file, or a run folder: its newest
+checkpoint) as a timm-compatible state dict in OUT.safetensors, and OUT.json with the timm model
+name and keyword arguments that rebuild it. Load it in timm, strictly (no missing or unexpected
+keys):
 
   spec = json.load(open("OUT.json"))
   model = timm.create_model(spec["timm_model"], pretrained=True,
                             pretrained_cfg_overlay=dict(file="OUT.safetensors"), **spec["kwargs"])
 
 model.forward_features(x) gives the same tokens as tokenmorph's encoder for x normalised with the
-checkpoint's mean/std (in OUT.json, and in model.pretrained_cfg for timm.data.resolve_data_config).
-Add num_classes=K (and e.g. drop_path_rate=0.1) to the kwargs to fine-tune: timm adds a new head.
+checkpoint's mean/std (in OUT.json, and in model.pretrained_cfg for
+timm.data.resolve_data_config). Add num_classes=K (and e.g. drop_path_rate=0.1) to the kwargs to
+fine-tune: timm adds a new head.
 """
 
 
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CKPT",
-                        help="pre-training checkpoint file, or a run folder (newest checkpoint)")
-    parser.add_argument("out", metavar="OUT.safetensors", help="weights file to write; the recipe goes to OUT.json")
-    parser.add_argument("--global-pool", default="avg", choices=["avg", "token", "", "none"], metavar="{avg,token,none}",
-                        help="timm pooling: avg = mean of the normalised patch tokens (default), token = CLS token, "
-                             "none (or '') = model(x) returns the tokens; forward_features and the weights are the "
-                             "same")
+    parser.add_argument(
+        "checkpoint",
+        metavar="CKPT",
+        help="pre-training checkpoint file, or a run folder (newest checkpoint)",
+    )
+    parser.add_argument(
+        "out", metavar="OUT.safetensors", help="weights file to write; the recipe goes to OUT.json"
+    )
+    parser.add_argument(
+        "--global-pool",
+        default="avg",
+        choices=["avg", "token", "", "none"],
+        metavar="{avg,token,none}",
+        help="timm pooling: avg = mean of the normalised patch tokens (default), token = CLS "
+        "token, none (or '') = model(x) returns the tokens; forward_features and the weights "
+        "are the same",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,8 +51,12 @@ def run(args: argparse.Namespace) -> int:
     pool = "" if args.global_pool == "none" else args.global_pool
     weights, json_path = export_encoder(args.checkpoint, args.out, global_pool=pool)
     spec = json.loads(json_path.read_text())
-    print(f"exported the {spec['student_size']} {spec['framework']} encoder ({spec['num_params'] / 1e6:.1f} M "
-          f"params, {spec['depth']} blocks, {spec['img_size']} px, patch {spec['patch_size']}, global_pool={pool!r}) "
-          f"of {spec['source_checkpoint']} (step {spec['step']}) to {weights} and {json_path}")
+    print(
+        f"exported the {spec['student_size']} {spec['framework']} encoder "
+        f"({spec['num_params'] / 1e6:.1f} M "
+        f"params, {spec['depth']} blocks, {spec['img_size']} px, patch {spec['patch_size']}, "
+        f"global_pool={pool!r}) "
+        f"of {spec['source_checkpoint']} (step {spec['step']}) to {weights} and {json_path}"
+    )
     print(timm_call(spec, weights, json_path))
     return 0

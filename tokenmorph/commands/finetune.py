@@ -1,4 +1,6 @@
-"""``tokenmorph finetune``: fine-tune a pre-trained encoder (or train from scratch) for classification."""
+"""``tokenmorph finetune``: fine-tune a pre-trained encoder (or train from scratch) for
+classification."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,36 +9,48 @@ import json
 from .common import add_run_arguments, config_from_args, run_training
 
 HELP = "fine-tune a pre-trained backbone (the paper's protocol)"
-DESCRIPTION = """Fine-tune a tokenmorph pre-trained encoder (or train from scratch) for classification.
+DESCRIPTION = """Fine-tune a tokenmorph pre-trained encoder (or train from scratch) for
+classification.
 
 Examples:
   tokenmorph finetune --config fashion-mnist-tiny --checkpoint outputs/demo
-  tokenmorph finetune --config vit-b16-in1k --checkpoint runs/vit-b16-in1k --data /data/imagenet/train \\
-      --val-data /data/imagenet/val
+  tokenmorph finetune --config vit-b16-in1k --checkpoint runs/vit-b16-in1k --data
+      /data/imagenet/train \\ --val-data /data/imagenet/val
   torchrun --nproc_per_node 8 -m tokenmorph finetune --config vit-b16-in1k ...
 
-A run folder is resumed automatically. The pre-trained final norm is not used with mean pooling (BEiT's
-protocol: a new fc_norm normalises the pooled feature); the command prints every key it drops or adds.
-A checkpoint of the MAE framework gives a timm ViT (learnable position embedding; rel_pos_init is ignored)."""
+A run folder is resumed automatically. The pre-trained final norm is not used with mean pooling
+(BEiT's protocol: a new fc_norm normalises the pooled feature); the command prints every key it
+drops or adds. A checkpoint of the MAE framework gives a timm ViT (learnable position embedding;
+rel_pos_init is ignored)."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, "finetune")
-    parser.add_argument("--checkpoint", help="pre-trained checkpoint file or run folder (its newest checkpoint)")
+    parser.add_argument(
+        "--checkpoint", help="pre-trained checkpoint file or run folder (its newest checkpoint)"
+    )
     parser.add_argument("--data", help="training data: an ImageFolder tree, or fashion-mnist")
-    parser.add_argument("--val-data", help="validation ImageFolder tree (fashion-mnist uses its test split)")
+    parser.add_argument(
+        "--val-data", help="validation ImageFolder tree (fashion-mnist uses its test split)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, "finetune", ("checkpoint", "data", "val_data", "output_dir", "max_steps",
-                                              "save_every", "device"))
+    cfg = config_from_args(
+        args,
+        "finetune",
+        ("checkpoint", "data", "val_data", "output_dir", "max_steps", "save_every", "device"),
+    )
     if cfg is None:
         return 0
     from ..recipes.finetune import finetune
 
     summary = run_training(finetune, cfg)
     if summary is not None:
-        print(f"[tokenmorph] fine-tuned {summary['steps']} steps in {summary['wall_time_s']:.0f} s: "
-              f"val top-1 {100 * summary['val_top1']:.2f}%, top-5 {100 * summary['val_top5']:.2f}% "
-              f"on {summary['val_images']} images")
+        print(
+            f"[tokenmorph] fine-tuned {summary['steps']} steps in {summary['wall_time_s']:.0f} s: "
+            f"val top-1 {100 * summary['val_top1']:.2f}%, top-5 {100 * summary['val_top5']:.2f}% "
+            f"on {summary['val_images']} images"
+        )
         print(json.dumps(summary))
     return 0

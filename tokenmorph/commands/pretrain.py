@@ -1,4 +1,5 @@
 """``tokenmorph pretrain``: pre-train a student ViT (DTM, MAE, Beyond Masking) from a config."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,38 +9,47 @@ from .common import add_run_arguments, config_from_args, run_training
 
 HELP = "pre-training of a ViT: DTM, MAE, Beyond Masking (one CPU, or many GPUs through torchrun)"
 DESCRIPTION = """\
-Pre-train a student ViT: Dynamic Token Morphing in the BEiT framework (default), or the MAE framework
-(framework=mae) with masking or a Beyond Masking objective (objective=zoom_in|zoom_out|distort|blur|
-decolorize|zoom_in_mask) and pixel (teacher=pixels) or teacher targets. A run folder is resumed
-automatically: rerun the same command after an interruption. Multi-process: torchrun --nproc_per_node N
--m tokenmorph pretrain ... (gloo on CPU, NCCL on GPU; multi-node with torchrun's --nnodes/--rdzv-* flags).
+Pre-train a student ViT: Dynamic Token Morphing in the BEiT framework (default), or the MAE
+framework (framework=mae) with masking or a Beyond Masking objective
+(objective=zoom_in|zoom_out|distort|blur| decolorize|zoom_in_mask) and pixel (teacher=pixels) or
+teacher targets. A run folder is resumed
+automatically: rerun the same command after an interruption. Multi-process: torchrun
+--nproc_per_node N -m tokenmorph pretrain ... (gloo on CPU, NCCL on GPU; multi-node with
+torchrun's --nnodes/--rdzv-* flags).
 
 examples:
   tokenmorph pretrain --config smoke --data DIR --output-dir OUT --max-steps 8
   tokenmorph pretrain --config demo
   tokenmorph pretrain --config vit-b16-in1k --data /data/imagenet/train batch_size=2048 lr=3e-4
   tokenmorph pretrain --config mae-zoom-in-mask-demo
-  tokenmorph pretrain --config smoke framework=mae objective=zoom_in_mask teacher=pixels --data DIR \\
-      --output-dir OUT --max-steps 4"""
+  tokenmorph pretrain --config smoke framework=mae objective=zoom_in_mask teacher=pixels --data DIR
+      \\ --output-dir OUT --max-steps 4"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, "pretrain")
-    parser.add_argument("--data", help="training data: a folder of images (flat or class tree), or fashion-mnist")
+    parser.add_argument(
+        "--data", help="training data: a folder of images (flat or class tree), or fashion-mnist"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from ..runtime.distributed import env_rank
 
-    cfg = config_from_args(args, "pretrain", ("data", "output_dir", "max_steps", "save_every", "device"))
+    cfg = config_from_args(
+        args, "pretrain", ("data", "output_dir", "max_steps", "save_every", "device")
+    )
     if cfg is None:
         return 0
     from ..recipes.pretrain import pretrain
 
     summary = run_training(pretrain, cfg)
     if summary.get("world_size", 1) == 1 or env_rank() == 0:
-        print(f"[tokenmorph] done: {summary['steps']} steps in {summary['wall_time_s']:.0f} s "
-              f"({summary['img_per_s']:.1f} img/s), final loss {summary['final_loss']:.4f}, "
-              f"{summary['skipped_images']} undecodable images skipped; checkpoint {summary['checkpoint']}")
+        print(
+            f"[tokenmorph] done: {summary['steps']} steps in {summary['wall_time_s']:.0f} s "
+            f"({summary['img_per_s']:.1f} img/s), final loss {summary['final_loss']:.4f}, "
+            f"{summary['skipped_images']} undecodable images skipped; checkpoint "
+            f"{summary['checkpoint']}"
+        )
         print(json.dumps(summary))
     return 0

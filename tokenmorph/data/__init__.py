@@ -1,25 +1,72 @@
-"""Data: image decoding, data sets (Fashion-MNIST offline, folders of images), augmentations, batching.
+"""Data: image decoding, data sets (Fashion-MNIST offline, folders of images), augmentations,
+batching.
 
-* :mod:`.images`: :func:`open_rgb` (any image file -> 8-bit RGB), :func:`load_image` (file, ``skimage:NAME``,
-  ``fashion-mnist:N`` -> tensor), the scikit-image sample photos.
+* :mod:`.images`: :func:`open_rgb` (any image file -> 8-bit RGB), :func:`load_image` (file,
+  ``skimage:NAME``, ``fashion-mnist:N`` -> tensor), the scikit-image sample photos.
 * :mod:`.fashion_mnist`: :class:`FashionMNIST` from its idx files.
 * :mod:`.folders`: :class:`ImageFiles`, every image under a folder or an ImageFolder tree.
 * :mod:`.sources`: :func:`build_dataset` by name or path, :func:`dataset_stats`.
 * :mod:`.transforms`: :func:`pretrain_transform`, :func:`eval_transform`.
-* :mod:`.collate`: :func:`collate_skip` (drops and counts undecodable items), :func:`seeded_subset`.
+* :mod:`.collate`: :func:`collate_skip` (drops and counts undecodable items),
+  :func:`seeded_subset`.
 """
+
 from ..errors import DataError
 from .collate import collate_skip, seeded_subset
-from .fashion_mnist import CACHE_DIR, FASHION_MNIST_CLASSES, FASHION_MNIST_DIRS, FashionMNIST, find_fashion_mnist, read_idx
+from .fashion_mnist import (
+    CACHE_DIR,
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIRS,
+    FashionMNIST,
+    find_fashion_mnist,
+    read_idx,
+)
 from .folders import IMAGE_EXTENSIONS, ImageFiles
-from .images import MAX_IMAGE_PIXELS, SAMPLE_PHOTOS, load_image, open_rgb, sample_photo, to_rgb, to_square_tensor
+from .images import (
+    MAX_IMAGE_PIXELS,
+    SAMPLE_PHOTOS,
+    load_image,
+    open_rgb,
+    sample_photo,
+    to_rgb,
+    to_square_tensor,
+)
 from .sources import DATASET_STATS, build_dataset, dataset_stats
-from .transforms import DEFAULT_CROP_PCT, TINY_IMAGE_SIDE, ToRGB, default_crop_pct, eval_transform, pretrain_transform
+from .transforms import (
+    DEFAULT_CROP_PCT,
+    TINY_IMAGE_SIDE,
+    ToRGB,
+    default_crop_pct,
+    eval_transform,
+    pretrain_transform,
+)
 
 __all__ = [
-    "DataError", "collate_skip", "seeded_subset", "CACHE_DIR", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIRS",
-    "FashionMNIST", "find_fashion_mnist", "read_idx", "IMAGE_EXTENSIONS", "ImageFiles", "MAX_IMAGE_PIXELS",
-    "SAMPLE_PHOTOS", "load_image", "open_rgb", "sample_photo", "to_rgb", "to_square_tensor", "DATASET_STATS",
-    "build_dataset", "dataset_stats", "DEFAULT_CROP_PCT", "TINY_IMAGE_SIDE", "ToRGB", "default_crop_pct",
-    "eval_transform", "pretrain_transform",
+    "DataError",
+    "collate_skip",
+    "seeded_subset",
+    "CACHE_DIR",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIRS",
+    "FashionMNIST",
+    "find_fashion_mnist",
+    "read_idx",
+    "IMAGE_EXTENSIONS",
+    "ImageFiles",
+    "MAX_IMAGE_PIXELS",
+    "SAMPLE_PHOTOS",
+    "load_image",
+    "open_rgb",
+    "sample_photo",
+    "to_rgb",
+    "to_square_tensor",
+    "DATASET_STATS",
+    "build_dataset",
+    "dataset_stats",
+    "DEFAULT_CROP_PCT",
+    "TINY_IMAGE_SIDE",
+    "ToRGB",
+    "default_crop_pct",
+    "eval_transform",
+    "pretrain_transform",
 ]

@@ -1,12 +1,14 @@
-"""Folders of image files: every image under a folder (recursively), or an ImageFolder tree whose first-level
-sub-folders are the classes. Undecodable files are skipped (``None`` items, dropped and counted by
-:func:`tokenmorph.data.collate_skip`) or raise ``DataError``."""
+"""Folders of image files: every image under a folder (recursively), or an ImageFolder tree whose
+first-level sub-folders are the classes. Undecodable files are skipped (``None`` items, dropped
+and counted by :func:`tokenmorph.data.collate_skip`) or raise ``DataError``."""
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Union
 
 from torch.utils.data import Dataset
 
@@ -19,13 +21,25 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+)
 
 
 def _image_files(root: Path) -> list[Path]:
-    """Image files under ``root``, recursively, following symbolic links but entering every real folder
-    once (no loops, no duplicates); hidden files and folders (".name", e.g. macOS "._x.jpg") are skipped.
-    Order: ImageFolder's (by first-level folder, then folder path, then file name)."""
+    """Image files under ``root``, recursively, following symbolic links but entering every real
+    folder once (no loops, no duplicates); hidden files and folders (".name", e.g. macOS
+    "._x.jpg") are skipped. Order: ImageFolder's (by first-level folder, then folder path, then
+    file name)."""
     found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -34,8 +48,11 @@ def _image_files(root: Path) -> list[Path]:
             continue
         seen.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [Path(dirpath, f) for f in filenames
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+        found += [
+            Path(dirpath, f)
+            for f in filenames
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+        ]
 
     def order(path: Path):
         rel = path.relative_to(root)
@@ -45,22 +62,27 @@ def _image_files(root: Path) -> list[Path]:
 
 
 class ImageFiles(Dataset):
-    """Every image under a folder, searched recursively (flat folders need no class sub-folders), or an
-    ImageFolder tree (``root/CLASS/**/image``).
+    """Every image under a folder, searched recursively (flat folders need no class sub-folders),
+       or
+    an ImageFolder tree (``root/CLASS/**/image``).
 
-    ``labels``: ``"none"`` (every label -1), ``"folders"`` (class = first-level sub-folder, classes sorted
-    by name; sub-folders without images are not classes), ``"auto"`` (``"folders"`` when ``root`` holds
-    sub-folders and no image directly, else ``"none"``).
+    ``labels``: ``"none"`` (every label -1), ``"folders"`` (class = first-level sub-folder,
+    classes sorted by name; sub-folders without images are not classes), ``"auto"``
+    (``"folders"`` when ``root`` holds sub-folders and no image directly, else ``"none"``).
 
-    ``ds[i]`` -> ``(PIL.Image "RGB", label)`` or ``(transform(image), label)``; for a file that does not
-    decode, ``None`` (``on_error="skip"``, logged as a warning; ``collate_skip`` drops and counts it) or
-    ``DataError`` (``on_error="raise"``).
-    Attributes: ``files`` (sorted list of Paths), ``targets`` (list of int), ``classes`` (list of str,
-    empty without labels).
+    ``ds[i]`` -> ``(PIL.Image "RGB", label)`` or ``(transform(image), label)``; for a file that
+    does not decode, ``None`` (``on_error="skip"``, logged as a warning; ``collate_skip`` drops
+    and counts it) or ``DataError`` (``on_error="raise"``). Attributes: ``files`` (sorted list of
+    Paths), ``targets`` (list of int), ``classes`` (list of str, empty without labels).
     """
 
-    def __init__(self, root: PathLike, transform: Optional[Callable] = None, on_error: str = "skip",
-                 labels: str = "auto"):
+    def __init__(
+        self,
+        root: PathLike,
+        transform: Callable | None = None,
+        on_error: str = "skip",
+        labels: str = "auto",
+    ):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error={on_error!r}: use 'skip' or 'raise'")
         if labels not in ("auto", "none", "folders"):
@@ -68,17 +90,26 @@ class ImageFiles(Dataset):
         root = Path(root).expanduser()
         if not root.is_dir():
             what = "is a file, not a folder" if root.exists() else "does not exist"
-            raise DataError(f"image folder {root} {what}; pass a folder of images or 'fashion-mnist'")
+            raise DataError(
+                f"image folder {root} {what}; pass a folder of images or 'fashion-mnist'"
+            )
         files = _image_files(root)
         if not files:
-            raise DataError(f"no images found under {root} (looked recursively for {', '.join(IMAGE_EXTENSIONS)})")
+            raise DataError(
+                f"no images found under {root} (looked recursively for "
+                f"{', '.join(IMAGE_EXTENSIONS)})"
+            )
         top_level = [f for f in files if f.parent == root]
         if labels == "auto":
             labels = "none" if top_level else "folders"
         if labels == "folders":
             if top_level:
-                raise DataError(f"labels='folders' needs every image inside a class sub-folder, but {root} holds "
-                                f"{len(top_level)} directly (e.g. {top_level[0].name}); move them or use labels='none'")
+                raise DataError(
+                    f"labels='folders' needs every image inside a class sub-folder, but {root} "
+                    "holds "
+                    f"{len(top_level)} directly (e.g. {top_level[0].name}); move them or use "
+                    "labels='none'"
+                )
             self.classes = sorted({f.relative_to(root).parts[0] for f in files})
             index = {c: i for i, c in enumerate(self.classes)}
             self.targets = [index[f.relative_to(root).parts[0]] for f in files]
@@ -102,4 +133,3 @@ class ImageFiles(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index]
-

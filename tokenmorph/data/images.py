@@ -1,8 +1,10 @@
 """Decoding image files and the sample photos that ship with scikit-image.
 
 * :func:`open_rgb`: any image file -> 8-bit RGB PIL image, or a ``DataError`` naming the file.
-* :func:`load_image`: a file, ``skimage:NAME`` or ``fashion-mnist:N`` -> (3, S, S) tensor in [0, 1].
+* :func:`load_image`: a file, ``skimage:NAME`` or ``fashion-mnist:N`` -> (3, S, S) tensor in [0,
+  1].
 """
+
 from __future__ import annotations
 
 import os
@@ -16,25 +18,39 @@ from PIL import Image
 
 from ..errors import DataError
 
-__all__ = ["MAX_IMAGE_PIXELS", "SAMPLE_PHOTOS", "open_rgb", "to_rgb", "to_square_tensor", "sample_photo",
-           "load_image"]
+__all__ = [
+    "MAX_IMAGE_PIXELS",
+    "SAMPLE_PHOTOS",
+    "open_rgb",
+    "to_rgb",
+    "to_square_tensor",
+    "sample_photo",
+    "load_image",
+]
 
 PathLike = Union[str, os.PathLike]
 
-# Legit photos up to 16000 x 16000 load (PIL's default bound is 89 M pixels); anything larger, a decompression
-# bomb or a panorama costing gigabytes per worker, is rejected. PIL only warns between its bound and twice it,
-# so open_rgb checks this bound itself.
+# Legit photos up to 16000 x 16000 load (PIL's default bound is 89 M pixels); anything larger, a
+# decompression bomb or a panorama costing gigabytes per worker, is rejected. PIL only warns
+# between its bound and twice it, so open_rgb checks this bound itself.
 MAX_IMAGE_PIXELS = 16000 * 16000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 # Colour photos that ship inside scikit-image (no download needed).
-SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
+SAMPLE_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+)
 
 
 def _rescale_to_uint8(a: np.ndarray) -> np.ndarray:
-    """32-bit integer ("I") or float ("F") grey values -> uint8, keeping their meaning: floats in [0, 1]
-    and values in 16-bit range are scaled (PIL's own convert clips everything above 255 to white),
-    values in [0, 255] are kept, anything else is stretched from its min..max to 0..255."""
+    """32-bit integer ("I") or float ("F") grey values -> uint8, keeping their meaning: floats in
+    [0, 1] and values in 16-bit range are scaled (PIL's own convert clips everything above 255 to
+    white), values in [0, 255] are kept, anything else is stretched from its min..max to 0..255."""
     is_float = a.dtype.kind == "f"
     a = a.astype(np.float64)
     lo, hi = float(a.min()), float(a.max())
@@ -48,9 +64,12 @@ def _rescale_to_uint8(a: np.ndarray) -> np.ndarray:
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit "RGB" (alpha dropped, palette expanded, CMYK converted, 16-bit scaled)."""
+    """Any PIL mode -> 8-bit "RGB" (alpha dropped, palette expanded, CMYK converted, 16-bit
+    scaled)."""
     if im.mode.startswith("I;16"):
-        return Image.fromarray(np.rint(np.asarray(im, dtype=np.float64) / 257.0).astype(np.uint8)).convert("RGB")
+        return Image.fromarray(
+            np.rint(np.asarray(im, dtype=np.float64) / 257.0).astype(np.uint8)
+        ).convert("RGB")
     if im.mode in ("I", "F"):
         return Image.fromarray(_rescale_to_uint8(np.asarray(im))).convert("RGB")
     if im.mode in ("P", "PA"):  # via RGBA: palette transparency otherwise triggers a PIL warning
@@ -61,23 +80,30 @@ def to_rgb(im: Image.Image) -> Image.Image:
 def open_rgb(path: PathLike) -> Image.Image:
     """Open, fully decode and convert an image file to 8-bit RGB.
 
-    Raises ``DataError`` naming the file and the underlying error for anything that does not decode
-    (missing, zero-byte, truncated, not an image, more than ``MAX_IMAGE_PIXELS`` pixels).
+    Raises ``DataError`` naming the file and the underlying error for anything that does not
+    decode (missing, zero-byte, truncated, not an image, more than ``MAX_IMAGE_PIXELS`` pixels).
     """
     try:
         with Image.open(path) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError(
-                    f"{im.width}x{im.height} = {im.width * im.height} pixels is over the limit of {MAX_IMAGE_PIXELS}")
+                    f"{im.width}x{im.height} = {im.width * im.height} pixels is over the limit of "
+                    f"{MAX_IMAGE_PIXELS}"
+                )
             im.load()  # decode now, so truncated files fail here and not inside a transform
             return to_rgb(im)
-    except Exception as e:  # PIL's decoders raise many types (OSError, SyntaxError, ValueError, struct.error...)
-        raise DataError(f"cannot decode image {path}: {type(e).__name__}: {e}; "
-                        f"fix or delete the file, or use on_error='skip'") from e
+    except (
+        Exception
+    ) as e:  # PIL's decoders raise many types (OSError, SyntaxError, ValueError, struct.error...)
+        raise DataError(
+            f"cannot decode image {path}: {type(e).__name__}: {e}; "
+            f"fix or delete the file, or use on_error='skip'"
+        ) from e
 
 
 def to_square_tensor(image: np.ndarray, size: int = 224) -> torch.Tensor:
-    """(H, W[, C]) uint8/float array -> (3, size, size) float in [0, 1]: centre square crop, bicubic
+    """(H, W[, C]) uint8/float array -> (3, size, size) float in [0, 1]: centre square crop,
+       bicubic
     resize; grey becomes 3 channels, alpha is dropped."""
     x = torch.from_numpy(np.ascontiguousarray(image))
     if x.dim() == 2:
@@ -94,7 +120,9 @@ def to_square_tensor(image: np.ndarray, size: int = 224) -> torch.Tensor:
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
     x = x[:, top : top + s, left : left + s]
-    x = F.interpolate(x[None], size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
+    x = F.interpolate(
+        x[None], size=(size, size), mode="bicubic", align_corners=False, antialias=True
+    )[0]
     return x.clamp(0, 1)
 
 
@@ -103,16 +131,21 @@ def sample_photo(name: str, size: int = 224) -> torch.Tensor:
     try:
         import skimage.data
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise RuntimeError("scikit-image is needed for the sample photos: pip install 'tokenmorph[viz]'") from e
+        raise RuntimeError(
+            "scikit-image is needed for the sample photos: pip install 'tokenmorph[viz]'"
+        ) from e
     loader = getattr(skimage.data, name, None)
     if loader is None or not callable(loader):
-        raise ValueError(f"unknown skimage.data photo {name!r}; try one of {', '.join(SAMPLE_PHOTOS)}")
+        raise ValueError(
+            f"unknown skimage.data photo {name!r}; try one of {', '.join(SAMPLE_PHOTOS)}"
+        )
     return to_square_tensor(loader(), size)
 
 
-def load_image(path: Union[str, Path], size: int = 224) -> torch.Tensor:
-    """An image file, a ``skimage:NAME`` sample photo or ``fashion-mnist:N`` (image N of the test split)
-    as (3, size, size) in [0, 1]; ``DataError`` for anything that cannot be found or decoded."""
+def load_image(path: str | Path, size: int = 224) -> torch.Tensor:
+    """An image file, a ``skimage:NAME`` sample photo or ``fashion-mnist:N`` (image N of the test
+    split) as (3, size, size) in [0, 1]; ``DataError`` for anything that cannot be found or
+    decoded."""
     path = str(path)
     if path.startswith("skimage:"):
         try:

@@ -1,8 +1,10 @@
-"""Data sets by name or path (``fashion-mnist[:DIR]`` or a folder of images) and their normalisation."""
+"""Data sets by name or path (``fashion-mnist[:DIR]`` or a folder of images) and their
+normalisation."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
@@ -18,14 +20,16 @@ Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
 # Per-channel (mean, std) of [0, 1] RGB pixels.
 DATASET_STATS: dict[str, Stats] = {
     "imagenet": (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)),
-    # Computed once over all 60000 x 784 pixels of the train split (idx values / 255, population std, float64)
-    # from the Debian package's train-images-idx3-ubyte.gz: mean 0.2860406, std 0.3530242; grey, so x3.
+    # Computed once over all 60000 x 784 pixels of the train split (idx values / 255, population
+    # std, float64) from the Debian package's train-images-idx3-ubyte.gz: mean 0.2860406, std
+    # 0.3530242; grey, so x3.
     "fashion-mnist": ((0.2860406,) * 3, (0.3530242,) * 3),
 }
 
 
-def _parse_source(source: str) -> tuple[str, Optional[Path]]:
-    """("fashion-mnist", DIR or None) for "fashion-mnist[:DIR]" or a folder holding the idx files;
+def _parse_source(source: str) -> tuple[str, Path | None]:
+    """("fashion-mnist", DIR or None) for "fashion-mnist[:DIR]" or a folder holding the idx
+       files;
     ("images", folder) otherwise."""
     name, sep, rest = source.partition(":")
     if name.strip().lower() == "fashion-mnist":
@@ -36,26 +40,35 @@ def _parse_source(source: str) -> tuple[str, Optional[Path]]:
     return "images", path
 
 
-def build_dataset(source: str, train: bool = True, transform: Optional[Callable] = None, on_error: str = "skip",
-                  labels: str = "auto", download: bool = False) -> Dataset:
+def build_dataset(
+    source: str,
+    train: bool = True,
+    transform: Callable | None = None,
+    on_error: str = "skip",
+    labels: str = "auto",
+    download: bool = False,
+) -> Dataset:
     """A data set by name or path.
 
-    ``"fashion-mnist"`` or ``"fashion-mnist:DIR"`` (or a folder holding the idx files) -> ``FashionMNIST``
-    (``train`` picks the split, ``download`` allows torchvision's download); any other string is a folder
-    of images -> ``ImageFiles`` (``train`` is ignored: a folder has no split). Raises ``DataError`` for a
-    missing path or a folder without images.
+    ``"fashion-mnist"`` or ``"fashion-mnist:DIR"`` (or a folder holding the idx files) ->
+    ``FashionMNIST`` (``train`` picks the split, ``download`` allows torchvision's download); any
+    other string is a folder of images -> ``ImageFiles`` (``train`` is ignored: a folder has no
+    split). Raises ``DataError`` for a missing path or a folder without images.
     """
     kind, path = _parse_source(source)
     if kind == "fashion-mnist":
         return FashionMNIST(path, train=train, transform=transform, download=download)
     if not path.exists():
-        raise DataError(f"data source {source!r} is neither 'fashion-mnist[:DIR]' nor an existing folder; "
-                        f"pass one of those")
+        raise DataError(
+            f"data source {source!r} is neither 'fashion-mnist[:DIR]' nor an existing folder; "
+            f"pass one of those"
+        )
     return ImageFiles(path, transform=transform, on_error=on_error, labels=labels)
 
 
 def dataset_stats(source: str) -> Stats:
     """Normalisation (mean, std) per RGB channel for a data source: Fashion-MNIST's own for
     "fashion-mnist[:DIR]" (or a folder holding its idx files), ImageNet's for everything else."""
-    return DATASET_STATS["fashion-mnist" if _parse_source(source)[0] == "fashion-mnist" else "imagenet"]
-
+    return DATASET_STATS[
+        "fashion-mnist" if _parse_source(source)[0] == "fashion-mnist" else "imagenet"
+    ]

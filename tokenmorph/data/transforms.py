@@ -1,5 +1,7 @@
-"""Augmentations and evaluation views: PIL image -> (3, S, S) float in [0, 1], not normalised (each model
-normalises with its own mean/std, see :func:`tokenmorph.data.dataset_stats`)."""
+"""Augmentations and evaluation views: PIL image -> (3, S, S) float in [0, 1], not normalised
+       (each
+model normalises with its own mean/std, see :func:`tokenmorph.data.dataset_stats`)."""
+
 from __future__ import annotations
 
 from PIL import Image
@@ -7,11 +9,19 @@ from torchvision import transforms as T
 
 from .images import to_rgb
 
-__all__ = ["TINY_IMAGE_SIDE", "DEFAULT_CROP_PCT", "ToRGB", "pretrain_transform", "default_crop_pct", "eval_transform"]
+__all__ = [
+    "TINY_IMAGE_SIDE",
+    "DEFAULT_CROP_PCT",
+    "ToRGB",
+    "pretrain_transform",
+    "default_crop_pct",
+    "eval_transform",
+]
 
 
 class ToRGB:
-    """PIL image -> "RGB" (so grey data sets give 3 channels). A class, not a lambda, so that data
+    """PIL image -> "RGB" (so grey data sets give 3 channels). A class, not a lambda, so that
+       data
     loader workers can pickle it."""
 
     def __call__(self, image: Image.Image) -> Image.Image:
@@ -29,15 +39,27 @@ def _interpolation(name: str) -> T.InterpolationMode:
         raise ValueError(f"interpolation={name!r}: use one of {modes}") from None
 
 
-def pretrain_transform(img_size: int = 224, scale: tuple[float, float] = (0.08, 1.0), color_jitter: float = 0.4,
-                       hflip: bool = True, interpolation: str = "bicubic") -> T.Compose:
-    """The DTM release's pre-training augmentation: PIL image -> (3, img_size, img_size) float in [0, 1].
+def pretrain_transform(
+    img_size: int = 224,
+    scale: tuple[float, float] = (0.08, 1.0),
+    color_jitter: float = 0.4,
+    hflip: bool = True,
+    interpolation: str = "bicubic",
+) -> T.Compose:
+    """The DTM release's pre-training augmentation: PIL image -> (3, img_size, img_size) float in
+    [0, 1].
 
-    RandomResizedCrop(img_size, scale, bicubic) -> RandomHorizontalFlip -> ColorJitter(0.4, 0.4, 0.4)
-    -> ToTensor; not normalised. ``color_jitter=0`` / ``hflip=False`` leave those steps out. All
-    randomness comes from torch's global generator (``torch.manual_seed`` makes it reproducible).
+    RandomResizedCrop(img_size, scale, bicubic) -> RandomHorizontalFlip -> ColorJitter(0.4, 0.4,
+    0.4) -> ToTensor; not normalised. ``color_jitter=0`` / ``hflip=False`` leave those steps out.
+    All randomness comes from torch's global generator (``torch.manual_seed`` makes it
+    reproducible).
     """
-    steps = [ToRGB(), T.RandomResizedCrop(img_size, scale=tuple(scale), interpolation=_interpolation(interpolation))]
+    steps = [
+        ToRGB(),
+        T.RandomResizedCrop(
+            img_size, scale=tuple(scale), interpolation=_interpolation(interpolation)
+        ),
+    ]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
     if color_jitter:
@@ -46,24 +68,36 @@ def pretrain_transform(img_size: int = 224, scale: tuple[float, float] = (0.08, 
     return T.Compose(steps)
 
 
-TINY_IMAGE_SIDE = 64  # at or below this side an evaluation view is a plain resize (e.g. Fashion-MNIST)
+TINY_IMAGE_SIDE = (
+    64  # at or below this side an evaluation view is a plain resize (e.g. Fashion-MNIST)
+)
 DEFAULT_CROP_PCT = 0.875
 
 
 def default_crop_pct(side: int) -> float:
-    """The evaluation centre-crop fraction for images of ``side`` pixels: 1.0 for tiny images (cropping
-    28 px digits or clothes would cut the object), 0.875 otherwise."""
+    """The evaluation centre-crop fraction for images of ``side`` pixels: 1.0 for tiny images
+    (cropping 28 px digits or clothes would cut the object), 0.875 otherwise."""
     return 1.0 if side <= TINY_IMAGE_SIDE else DEFAULT_CROP_PCT
 
 
-def eval_transform(img_size: int = 224, crop_pct: float = 0.875, interpolation: str = "bicubic") -> T.Compose:
+def eval_transform(
+    img_size: int = 224, crop_pct: float = 0.875, interpolation: str = "bicubic"
+) -> T.Compose:
     """Deterministic evaluation view: PIL image -> (3, img_size, img_size) float in [0, 1].
 
-    Resize the short side to int(img_size / crop_pct), CenterCrop(img_size), ToTensor. ``crop_pct=1``
-    simply resizes (what 28x28 Fashion-MNIST wants).
+    Resize the short side to int(img_size / crop_pct), CenterCrop(img_size), ToTensor.
+    ``crop_pct=1`` simply resizes (what 28x28 Fashion-MNIST wants).
     """
     if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct={crop_pct}: must be in (0, 1], e.g. 0.875 for photos or 1.0 for Fashion-MNIST")
-    return T.Compose([ToRGB(), T.Resize(int(img_size / crop_pct), interpolation=_interpolation(interpolation)),
-                      T.CenterCrop(img_size), T.ToTensor()])
-
+        raise ValueError(
+            f"crop_pct={crop_pct}: must be in (0, 1], e.g. 0.875 for photos or 1.0 for "
+            "Fashion-MNIST"
+        )
+    return T.Compose(
+        [
+            ToRGB(),
+            T.Resize(int(img_size / crop_pct), interpolation=_interpolation(interpolation)),
+            T.CenterCrop(img_size),
+            T.ToTensor(),
+        ]
+    )

@@ -1,12 +1,14 @@
-"""Evaluation protocols, each a reusable function with its own program in :mod:`tokenmorph.commands`
-(as DINOv2's ``eval/``): frozen-feature k-NN (:mod:`.knn`) and linear probe (:mod:`.linear`) on features
-extracted once (:mod:`.features`); the spatial-consistency analysis of targets (:mod:`.consistency`);
-reconstructions of pixel objectives (:mod:`.reconstruct`); and the side-by-side comparison of pre-training
-configs (:mod:`.compare`). Fine-tuning is a recipe: :mod:`tokenmorph.recipes.finetune`.
+"""Evaluation protocols, each a reusable function with its own program in
+   :mod:`tokenmorph.commands`
+(as DINOv2's ``eval/``): frozen-feature k-NN (:mod:`.knn`) and linear probe (:mod:`.linear`) on
+features extracted once (:mod:`.features`); the spatial-consistency analysis of targets
+(:mod:`.consistency`); reconstructions of pixel objectives (:mod:`.reconstruct`); and the
+side-by-side comparison of pre-training configs (:mod:`.compare`). Fine-tuning is a recipe:
+:mod:`tokenmorph.recipes.finetune`.
 """
 
-# The frozen-feature protocols, by name: ``tokenmorph eval <name>`` (commands/eval_<name>.py) and compare's
-# columns come from here.
+# The frozen-feature protocols, by name: ``tokenmorph eval <name>`` (commands/eval_<name>.py) and
+# compare's columns come from here.
 PROTOCOLS = {
     "knn": "weighted k-NN classification on frozen features",
     "linear": "linear probe on frozen features",

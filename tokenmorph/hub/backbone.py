@@ -1,13 +1,15 @@
-"""Frozen image encoders for evaluation: a tokenmorph checkpoint's student encoder, or any timm model.
+"""Frozen image encoders for evaluation: a tokenmorph checkpoint's student encoder, or any timm
+model.
 
 ``load_backbone(spec)`` accepts a checkpoint file, a run folder (its newest checkpoint), or
 ``timm:NAME``; the result turns [0, 1] images into pooled features or tokens.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -28,7 +30,8 @@ class Backbone:
 
     Attributes:
         name: where it came from (checkpoint path or ``timm:NAME``).
-        model: a timm-style module with ``forward_features(x) -> (B, prefix + N, D)`` (or (B, D, h, w)).
+        model: a timm-style module with ``forward_features(x) -> (B, prefix + N, D)`` (or (B, D,
+        h, w)).
         img_size: the input side it expects.
         mean, std: input normalisation (applied by :meth:`tokens`).
         num_prefix_tokens: CLS-like tokens before the patch tokens (0 for CNNs).
@@ -44,7 +47,8 @@ class Backbone:
     embed_dim: int
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, prefix + N, D) tokens (a CNN map is flattened, no prefix)."""
+        """(B, 3, H, W) in [0, 1] -> (B, prefix + N, D) tokens (a CNN map is flattened, no
+        prefix)."""
         mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
         out = self.model.forward_features((images - mean) / std)
@@ -53,31 +57,38 @@ class Backbone:
         return out
 
     def features(self, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, D): the CLS token (``pool="cls"``; mean of patch tokens when the
-        model has no CLS token) or the mean of the patch tokens (``pool="mean"``)."""
+        """(B, 3, H, W) in [0, 1] -> (B, D): the CLS token (``pool="cls"``; mean of patch tokens
+        when the model has no CLS token) or the mean of the patch tokens (``pool="mean"``)."""
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         t = self.tokens(images)
         if pool == "cls" and self.num_prefix_tokens > 0:
             return t[:, 0]
-        return t[:, self.num_prefix_tokens:].mean(dim=1)
+        return t[:, self.num_prefix_tokens :].mean(dim=1)
 
 
 def load_pretrain_checkpoint(spec, purpose: str) -> tuple[dict, Path, StudentRecord]:
-    """(checkpoint, path, record) of a pre-training checkpoint file or run folder (its newest checkpoint);
-    one-line errors for a missing path, another kind of checkpoint, or one without a student record."""
+    """(checkpoint, path, record) of a pre-training checkpoint file or run folder (its newest
+    checkpoint); one-line errors for a missing path, another kind of checkpoint, or one without a
+    student record."""
     path = latest_checkpoint(Path(spec))
     if path is None:
-        raise CheckpointError(f"no checkpoint found at {spec}: give a checkpoint file or a run folder with "
-                              f"checkpoints/")
+        raise CheckpointError(
+            f"no checkpoint found at {spec}: give a checkpoint file or a run folder with "
+            f"checkpoints/"
+        )
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != "pretrain":
-        raise CheckpointError(f"{path} is a {ckpt.get('kind')!r} checkpoint; {purpose} needs a pre-training "
-                              f"checkpoint (tokenmorph pretrain)")
+        raise CheckpointError(
+            f"{path} is a {ckpt.get('kind')!r} checkpoint; {purpose} needs a pre-training "
+            f"checkpoint (tokenmorph pretrain)"
+        )
     return ckpt, path, StudentRecord.from_checkpoint(ckpt, str(path))
 
 
-def load_backbone(spec: str, device="cpu", random_init: bool = False, img_size: Optional[int] = None) -> Backbone:
+def load_backbone(
+    spec: str, device="cpu", random_init: bool = False, img_size: int | None = None
+) -> Backbone:
     """A frozen evaluation encoder.
 
     Args:
@@ -89,20 +100,35 @@ def load_backbone(spec: str, device="cpu", random_init: bool = False, img_size: 
     if spec.startswith("timm:"):
         import timm
 
-        name = spec[len("timm:"):]
+        name = spec[len("timm:") :]
         kwargs = {"img_size": img_size} if img_size else {}
         try:
             model = timm.create_model(name, pretrained=not random_init, num_classes=0, **kwargs)
         except Exception as e:
-            raise ModelError(f"cannot build {spec} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                             f"without internet pass random_init") from None
+            raise ModelError(
+                f"cannot build {spec} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                f"without internet pass random_init"
+            ) from None
         cfg = model.pretrained_cfg
         side = img_size or cfg.get("input_size", (3, 224, 224))[-1]
-        return Backbone(spec, model.eval().requires_grad_(False).to(device), side,
-                        cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD),
-                        getattr(model, "num_prefix_tokens", 0), model.num_features)
+        return Backbone(
+            spec,
+            model.eval().requires_grad_(False).to(device),
+            side,
+            cfg.get("mean", IMAGENET_DEFAULT_MEAN),
+            cfg.get("std", IMAGENET_DEFAULT_STD),
+            getattr(model, "num_prefix_tokens", 0),
+            model.num_features,
+        )
     ckpt, path, record = load_pretrain_checkpoint(spec, "evaluation of a backbone")
     student = student_from_checkpoint(ckpt, record, str(path))
     encoder = student.encoder.eval().requires_grad_(False).to(device)
-    return Backbone(str(path), encoder, student.arch["img_size"], tuple(student.mean.flatten().tolist()),
-                    tuple(student.std.flatten().tolist()), 1, student.embed_dim)
+    return Backbone(
+        str(path),
+        encoder,
+        student.arch["img_size"],
+        tuple(student.mean.flatten().tolist()),
+        tuple(student.std.flatten().tolist()),
+        1,
+        student.embed_dim,
+    )

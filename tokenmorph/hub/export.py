@@ -1,5 +1,6 @@
-"""Export a pre-trained student encoder as a timm checkpoint (safetensors + a JSON recipe): a ``Beit``
-for a DTM (``framework=beit``) student, a ``VisionTransformer`` for an MAE (``framework=mae``) one.
+"""Export a pre-trained student encoder as a timm checkpoint (safetensors + a JSON recipe): a
+``Beit`` for a DTM (``framework=beit``) student, a ``VisionTransformer`` for an MAE
+(``framework=mae``) one.
 
 ``tokenmorph export CKPT OUT.safetensors`` writes the encoder's weights and ``OUT.json``; then::
 
@@ -12,37 +13,41 @@ builds the encoder in timm and loads the weights strictly, for every student siz
 
 How the recipe is built, and why:
 
-* ``timm_model`` only picks timm's BEiT entry point (``beit_large_patch16_224`` for the large shape,
-  ``beit_base_patch16_224`` otherwise; timm has no tiny or small BEiT). ``kwargs`` spell out the whole
-  architecture (size, patch, grid, LayerScale, shared relative position bias, no absolute position
-  embedding, no per-block bias), so the entry point's defaults never decide anything.
-* ``kwargs["pretrained_cfg"]`` replaces the registry's pretrained config. timm's ``load_pretrained``
-  turns strict loading off whenever the model's ``num_classes`` differs from the pretrained config's
-  (1000 or 21841 for timm's BEiT tags), which an encoder (``num_classes=0``) always would: a missing or
-  stray key would then pass silently. With ``num_classes=0`` in the config the load is strict. The config also
-  carries the checkpoint's input size and mean/std, so ``timm.data.resolve_data_config(model=model)``
-  normalises as pre-training did, and ``classifier="head"``, so that adding ``num_classes=K`` for
-  fine-tuning takes timm's usual path: a new head, every other weight loaded.
-* The final LayerNorm stays ``norm`` (on the tokens) for every ``global_pool``. timm's Beit moves it
-  after the pooling (``fc_norm``, with ``norm`` an identity) when ``global_pool="avg"`` unless
+* ``timm_model`` only picks timm's BEiT entry point (``beit_large_patch16_224`` for the large
+  shape, ``beit_base_patch16_224`` otherwise; timm has no tiny or small BEiT). ``kwargs`` spell
+  out the whole architecture (size, patch, grid, LayerScale, shared relative position bias, no
+  absolute position embedding, no per-block bias), so the entry point's defaults never decide
+  anything.
+* ``kwargs["pretrained_cfg"]`` replaces the registry's pretrained config. timm's
+  ``load_pretrained`` turns strict loading off whenever the model's ``num_classes`` differs from
+  the pretrained config's (1000 or 21841 for timm's BEiT tags), which an encoder
+  (``num_classes=0``) always would: a missing or stray key would then pass silently. With
+  ``num_classes=0`` in the config the load is strict. The config also carries the checkpoint's
+  input size and mean/std, so ``timm.data.resolve_data_config(model=model)`` normalises as
+  pre-training did, and ``classifier="head"``, so that adding ``num_classes=K`` for fine-tuning
+  takes timm's usual path: a new head, every other weight loaded.
+* The final LayerNorm stays ``norm`` (on the tokens) for every ``global_pool``. timm's Beit moves
+  it after the pooling (``fc_norm``, with ``norm`` an identity) when ``global_pool="avg"`` unless
   ``use_fc_norm=False``: that would be a different function of the same weights. So
-  ``forward_features(x)`` returns exactly tokenmorph's encoder tokens (B, 1 + N, D) after the final norm,
-  and the pooled feature is the mean of the normalised patch tokens (``avg``) or the normalised CLS
-  token (``token``); ``global_pool=""`` makes ``model(x)`` return the tokens. To change the pooling,
-  export again (or also pass ``use_fc_norm=False`` with ``global_pool="avg"``).
-* An MAE student's encoder *is* a timm ``VisionTransformer`` (class token, qkv bias, no LayerScale, an
-  absolute ``pos_embed``: MAE's fixed sin-cos table, exported as a plain weight that timm treats as
-  learnable). ``timm_model`` is ``vit_large_patch16_224`` for the large shape, ``vit_base_patch16_224``
-  otherwise, and ``kwargs`` again spell out the whole architecture; the decoder is not exported. The
-  ``pretrained_cfg`` is the same, and so is the final norm: timm's ViT would also swap ``norm`` for an
-  ``fc_norm`` with ``global_pool="avg"``, which the recipe prevents with ``fc_norm=False`` (to change the
-  pooling, export again, or also pass ``fc_norm=False`` with ``global_pool="avg"``).
+  ``forward_features(x)`` returns exactly tokenmorph's encoder tokens (B, 1 + N, D) after the
+  final norm, and the pooled feature is the mean of the normalised patch tokens (``avg``) or the
+  normalised CLS token (``token``); ``global_pool=""`` makes ``model(x)`` return the tokens. To
+  change the pooling, export again (or also pass ``use_fc_norm=False`` with
+  ``global_pool="avg"``).
+* An MAE student's encoder *is* a timm ``VisionTransformer`` (class token, qkv bias, no
+  LayerScale, an absolute ``pos_embed``: MAE's fixed sin-cos table, exported as a plain weight
+  that timm treats as learnable). ``timm_model`` is ``vit_large_patch16_224`` for the large
+  shape, ``vit_base_patch16_224`` otherwise, and ``kwargs`` again spell out the whole
+  architecture; the decoder is not exported. The ``pretrained_cfg`` is the same, and so is the
+  final norm: timm's ViT would also swap ``norm`` for an ``fc_norm`` with ``global_pool="avg"``,
+  which the recipe prevents with ``fc_norm=False`` (to change the pooling, export again, or also
+  pass ``fc_norm=False`` with ``global_pool="avg"``).
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Union
 
 from ..errors import CheckpointError, ConfigError
 from ..models.arch import timm_encoder_kwargs, timm_family, timm_model_name
@@ -52,6 +57,7 @@ __all__ = ["GLOBAL_POOLS", "EXPORT_FORMAT", "export_encoder", "timm_spec", "timm
 EXPORT_FORMAT = "tokenmorph-timm-export-v1"
 GLOBAL_POOLS = ("avg", "token", "")
 
+
 def timm_spec(arch: dict, global_pool: str, mean, std, description: str = "") -> tuple[str, dict]:
     """(timm model name, JSON-ready keyword arguments) that rebuild a student encoder of ``arch``
     (a checkpoint's ``student_arch``) in timm and load its exported weights strictly."""
@@ -59,24 +65,33 @@ def timm_spec(arch: dict, global_pool: str, mean, std, description: str = "") ->
         raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
     kwargs = timm_encoder_kwargs(arch, num_classes=0, global_pool=global_pool)
     if global_pool == "avg":
-        # keep the final norm on the tokens (timm would otherwise pool first, then apply fc_norm); only set when
-        # needed because timm releases older than these arguments refuse them
+        # keep the final norm on the tokens (timm would otherwise pool first, then apply
+        # fc_norm); only set when needed because timm releases older than these arguments refuse
+        # them
         kwargs["fc_norm" if timm_family(arch) == "vit" else "use_fc_norm"] = False
     side = arch["img_size"]
     kwargs["pretrained_cfg"] = dict(
-        # the relative position bias (Beit) or the absolute position embedding (ViT) fixes the grid
-        input_size=[3, side, side], fixed_input_size=True,
-        interpolation="bicubic", crop_pct=0.875, mean=[float(v) for v in mean], std=[float(v) for v in std],
+        # the relative position bias (Beit) or the absolute position embedding (ViT) fixes the
+        # grid
+        input_size=[3, side, side],
+        fixed_input_size=True,
+        interpolation="bicubic",
+        crop_pct=0.875,
+        mean=[float(v) for v in mean],
+        std=[float(v) for v in std],
         num_classes=0,  # equal to the model's: timm then loads strictly
-        classifier="head", first_conv="patch_embed.proj", description=description,
+        classifier="head",
+        first_conv="patch_embed.proj",
+        description=description,
     )
     return timm_model_name(arch), kwargs
 
 
 def _check_loadable(name: str, kwargs: dict, state: dict, source: Path) -> None:
-    """Build the timm model on the meta device (no memory, no init cost) and check that its state dict
-    has exactly the keys and shapes of ``state``: a damaged checkpoint, or a timm that builds Beit (or
-    VisionTransformer) differently, fails here, at export time, with a clear message rather than when loading."""
+    """Build the timm model on the meta device (no memory, no init cost) and check that its state
+    dict has exactly the keys and shapes of ``state``: a damaged checkpoint, or a timm that
+    builds Beit (or VisionTransformer) differently, fails here, at export time, with a clear
+    message rather than when loading."""
     import timm
     import torch
 
@@ -84,34 +99,40 @@ def _check_loadable(name: str, kwargs: dict, state: dict, source: Path) -> None:
         with torch.device("meta"):
             model = timm.create_model(name, **kwargs)
     except TypeError as e:
-        raise ConfigError(f"timm {timm.__version__} cannot build this encoder ({e}); with an older timm, "
-                          f"export with --global-pool token or ''") from None
+        raise ConfigError(
+            f"timm {timm.__version__} cannot build this encoder ({e}); with an older timm, "
+            f"export with --global-pool token or ''"
+        ) from None
     theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     ours = {k: tuple(v.shape) for k, v in state.items()}
     if theirs != ours:
         diff = sorted(set(theirs) ^ set(ours)) or sorted(k for k in ours if theirs[k] != ours[k])
-        raise CheckpointError(f"{source}: the encoder's weights do not match the {type(model).__name__} that timm "
-                              f"{timm.__version__} builds for its architecture (differing: {', '.join(diff[:5])})")
+        raise CheckpointError(
+            f"{source}: the encoder's weights do not match the {type(model).__name__} that timm "
+            f"{timm.__version__} builds for its architecture (differing: {', '.join(diff[:5])})"
+        )
 
 
-def export_encoder(ckpt_or_run_dir: Union[str, Path], out_path: Union[str, Path],
-                   global_pool: str = "avg") -> tuple[Path, Path]:
+def export_encoder(
+    ckpt_or_run_dir: str | Path, out_path: str | Path, global_pool: str = "avg"
+) -> tuple[Path, Path]:
     """Write the student encoder of a pre-training checkpoint for timm.
 
     Args:
         ckpt_or_run_dir: a checkpoint file, or a run folder (its newest checkpoint is used).
-        out_path: the weights file; must end in ``.safetensors`` (timm picks the loader by the suffix).
-            The recipe goes next to it, with the suffix ``.json``.
+        out_path: the weights file; must end in ``.safetensors`` (timm picks the loader by the
+            suffix). The recipe goes next to it, with the suffix ``.json``.
         global_pool: the timm model's pooling: ``"avg"`` (mean of the normalised patch tokens),
-            ``"token"`` (normalised CLS token) or ``""`` (``model(x)`` returns the tokens). It changes no
-            weight and not ``forward_features``.
+            ``"token"`` (normalised CLS token) or ``""`` (``model(x)`` returns the tokens). It
+            changes no weight and not ``forward_features``.
 
     Returns:
         (weights path, JSON path).
 
     Raises:
-        CheckpointError: no checkpoint there, not a tokenmorph checkpoint, not a pre-training checkpoint,
-            weights that timm's Beit (or VisionTransformer, for an MAE student) cannot take.
+        CheckpointError: no checkpoint there, not a tokenmorph checkpoint, not a pre-training
+            checkpoint, weights that timm's Beit (or VisionTransformer, for an MAE student)
+            cannot take.
         ConfigError: an output name without ``.safetensors``.
         ValueError: an unknown ``global_pool``.
     """
@@ -123,17 +144,29 @@ def export_encoder(ckpt_or_run_dir: Union[str, Path], out_path: Union[str, Path]
 
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":
-        raise ConfigError(f"{out_path}: the output must end in .safetensors (timm chooses its loader by the suffix)")
+        raise ConfigError(
+            f"{out_path}: the output must end in .safetensors (timm chooses its loader by the "
+            "suffix)"
+        )
     ckpt, path, record = load_pretrain_checkpoint(ckpt_or_run_dir, "export")
 
-    # The encoder's weights are the checkpoint's "encoder." entries (an MAE decoder is left out): no student
-    # is built (for a large one that saves seconds and a copy of the weights); _check_loadable verifies them
-    # against the timm model of the recipe.
-    state = {k[len("encoder."):]: v.contiguous() for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    # The encoder's weights are the checkpoint's "encoder." entries (an MAE decoder is left out):
+    # no student is built (for a large one that saves seconds and a copy of the weights);
+    # _check_loadable verifies them against the timm model of the recipe.
+    state = {
+        k[len("encoder.") :]: v.contiguous()
+        for k, v in ckpt["model"].items()
+        if k.startswith("encoder.")
+    }
     arch, step, framework = record.arch, record.step, record.framework
     what = "DTM" if framework == "beit" else framework
-    name, kwargs = timm_spec(arch, global_pool, record.mean, record.std,
-                             description=f"tokenmorph {what} {record.size} student encoder, step {step} of {path}")
+    name, kwargs = timm_spec(
+        arch,
+        global_pool,
+        record.mean,
+        record.std,
+        description=f"tokenmorph {what} {record.size} student encoder, step {step} of {path}",
+    )
     _check_loadable(name, json.loads(json.dumps(kwargs)), state, path)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,8 +191,8 @@ def export_encoder(ckpt_or_run_dir: Union[str, Path], out_path: Union[str, Path]
         "mean": kwargs["pretrained_cfg"]["mean"],
         "std": kwargs["pretrained_cfg"]["std"],
         "global_pool": global_pool,
-        "features": "forward_features(x) -> (B, 1 + N, D) tokens after the final norm (the CLS token first), "
-                    "for x in [0, 1] normalised with mean/std; identical to tokenmorph's encoder",
+        "features": "forward_features(x) -> (B, 1 + N, D) tokens after the final norm (the CLS "
+        "token first), for x in [0, 1] normalised with mean/std; identical to tokenmorph's encoder",
         "timm_version": timm.__version__,
         "tokenmorph_version": __version__,
     }
@@ -167,7 +200,10 @@ def export_encoder(ckpt_or_run_dir: Union[str, Path], out_path: Union[str, Path]
     return out_path, json_path
 
 
-def timm_call(spec: dict, weights: Union[str, Path], json_path: Union[str, Path]) -> str:
+def timm_call(spec: dict, weights: str | Path, json_path: str | Path) -> str:
     """The one-line Python call that loads an export in timm."""
-    return (f"timm.create_model({spec['timm_model']!r}, pretrained=True, pretrained_cfg_overlay=dict(file={str(weights)!r}), "
-            f"**json.load(open({str(json_path)!r}))['kwargs'])")
+    return (
+        f"timm.create_model({spec['timm_model']!r}, pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file={str(weights)!r}), "
+        f"**json.load(open({str(json_path)!r}))['kwargs'])"
+    )

@@ -1,21 +1,30 @@
 """Student shapes, and the one mapping from a student's architecture to timm.
 
-Both students' encoders *are* timm models: the BEiT framework's a ``Beit`` (relative position bias, no
-absolute position embedding, LayerScale), the MAE framework's a ``VisionTransformer`` (fixed sin-cos
-``pos_embed``, class token). :func:`timm_encoder_kwargs` is the only place that spells out which timm
-keyword arguments give an encoder of a given architecture; the students, fine-tuning, export and backbone
-loading all use it, so a checkpoint's ``state_dict`` always loads into the timm model it names.
+Both students' encoders *are* timm models: the BEiT framework's a ``Beit`` (relative position
+bias, no absolute position embedding, LayerScale), the MAE framework's a ``VisionTransformer``
+(fixed sin-cos ``pos_embed``, class token). :func:`timm_encoder_kwargs` is the only place that
+spells out which timm keyword arguments give an encoder of a given architecture; the students,
+fine-tuning, export and backbone loading all use it, so a checkpoint's ``state_dict`` always
+loads into the timm model it names.
 
 An architecture is a plain dict (a checkpoint's ``student_arch``): ``img_size``, ``patch_size``,
-``embed_dim``, ``depth``, ``num_heads``, plus ``init_values`` (BEiT) or ``framework="mae"`` and the
-decoder's shape (MAE).
+``embed_dim``, ``depth``, ``num_heads``, plus ``init_values`` (BEiT) or ``framework="mae"`` and
+the decoder's shape (MAE).
 """
+
 from __future__ import annotations
 
-from typing import Optional
-
-__all__ = ["STUDENT_SIZES", "DECODER_PRESETS", "FRAMEWORKS", "REL_POS", "encoder_shape", "framework_of", "timm_family",
-           "timm_model_name", "timm_encoder_kwargs"]
+__all__ = [
+    "STUDENT_SIZES",
+    "DECODER_PRESETS",
+    "FRAMEWORKS",
+    "REL_POS",
+    "encoder_shape",
+    "framework_of",
+    "timm_family",
+    "timm_model_name",
+    "timm_encoder_kwargs",
+]
 
 # size -> (embed_dim, depth, num_heads); tiny is DeiT-tiny's shape, for CPU-scale runs.
 STUDENT_SIZES = {
@@ -24,17 +33,26 @@ STUDENT_SIZES = {
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
 }
-# MAE-framework decoder preset -> (depth, width); heads = width / 32 (12 for 384, 16 for 512 as in MAE)
+# MAE-framework decoder preset -> (depth, width); heads = width / 32 (12 for 384, 16 for 512 as
+# in MAE)
 DECODER_PRESETS = {"release": (4, 384), "mae": (8, 512)}
 # pre-training framework -> timm model family of its encoder
 FRAMEWORKS = {"beit": "beit", "mae": "vit"}
-# where a Beit keeps its relative position bias: one table shared by every block, or one per block
+# where a Beit keeps its relative position bias: one table shared by every block, or one per
+# block
 REL_POS = ("shared", "per_block")
 
 
-def encoder_shape(size: str, img_size: int, patch_size: int, embed_dim: Optional[int] = None,
-                  depth: Optional[int] = None, num_heads: Optional[int] = None) -> tuple[int, int, int]:
-    """(embed_dim, depth, num_heads) of a size name with overrides; ValueError for impossible shapes."""
+def encoder_shape(
+    size: str,
+    img_size: int,
+    patch_size: int,
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
+) -> tuple[int, int, int]:
+    """(embed_dim, depth, num_heads) of a size name with overrides; ValueError for impossible
+    shapes."""
     if size not in STUDENT_SIZES:
         raise ValueError(f"unknown student size {size!r}; choose one of {', '.join(STUDENT_SIZES)}")
     if img_size % patch_size:
@@ -47,39 +65,53 @@ def encoder_shape(size: str, img_size: int, patch_size: int, embed_dim: Optional
 
 
 def framework_of(arch: dict) -> str:
-    """"beit" or "mae" (architectures written before the MAE framework existed have no key: BEiT)."""
+    """ "beit" or "mae" (architectures written before the MAE framework existed have no key:
+    BEiT)."""
     return arch.get("framework", "beit")
 
 
 def timm_family(arch: dict) -> str:
-    """"beit" (timm's ``Beit``) or "vit" (timm's ``VisionTransformer``)."""
+    """ "beit" (timm's ``Beit``) or "vit" (timm's ``VisionTransformer``)."""
     return FRAMEWORKS[framework_of(arch)]
 
 
 def timm_model_name(arch: dict) -> str:
-    """The timm registry entry whose class builds this encoder. Only the class matters (the keyword
-    arguments spell out the whole shape): ``*_large_patch16_224`` for the large shape, ``*_base_patch16_224``
-    otherwise (timm has no tiny or small BEiT)."""
+    """The timm registry entry whose class builds this encoder. Only the class matters (the
+       keyword
+    arguments spell out the whole shape): ``*_large_patch16_224`` for the large shape,
+    ``*_base_patch16_224`` otherwise (timm has no tiny or small BEiT)."""
     large = (arch["embed_dim"], arch["depth"], arch["num_heads"]) == (1024, 24, 16)
     return f"{timm_family(arch)}_{'large' if large else 'base'}_patch16_224"
 
 
 def timm_encoder_kwargs(arch: dict, rel_pos: str = "shared", **overrides) -> dict:
-    """Keyword arguments for ``timm.create_model(timm_model_name(arch), ...)`` (or the timm class) that
-    build an encoder whose ``state_dict`` matches the student's ``encoder`` key for key.
+    """Keyword arguments for ``timm.create_model(timm_model_name(arch), ...)`` (or the timm
+       class)
+    that build an encoder whose ``state_dict`` matches the student's ``encoder`` key for key.
 
-    ``rel_pos`` (BEiT only): ``"shared"`` (pre-training's one table for every block) or ``"per_block"``
-    (fine-tuning's, each block its own). ``overrides`` are added last (e.g. ``num_classes``,
-    ``global_pool``, ``drop_path_rate``, a new ``img_size``).
+    ``rel_pos`` (BEiT only): ``"shared"`` (pre-training's one table for every block) or
+    ``"per_block"`` (fine-tuning's, each block its own). ``overrides`` are added last (e.g.
+    ``num_classes``, ``global_pool``, ``drop_path_rate``, a new ``img_size``).
     """
     if rel_pos not in REL_POS:
         raise ValueError(f"rel_pos must be one of {REL_POS}, got {rel_pos!r}")
-    kwargs = dict(img_size=arch["img_size"], patch_size=arch["patch_size"], embed_dim=arch["embed_dim"],
-                  depth=arch["depth"], num_heads=arch["num_heads"], mlp_ratio=4.0, qkv_bias=True)
+    kwargs = dict(
+        img_size=arch["img_size"],
+        patch_size=arch["patch_size"],
+        embed_dim=arch["embed_dim"],
+        depth=arch["depth"],
+        num_heads=arch["num_heads"],
+        mlp_ratio=4.0,
+        qkv_bias=True,
+    )
     if timm_family(arch) == "vit":  # LayerNorm eps 1e-6 (timm's default), as MAE
         kwargs.update(class_token=True)
     else:
-        kwargs.update(init_values=arch["init_values"], use_abs_pos_emb=False,
-                      use_rel_pos_bias=rel_pos == "per_block", use_shared_rel_pos_bias=rel_pos == "shared")
+        kwargs.update(
+            init_values=arch["init_values"],
+            use_abs_pos_emb=False,
+            use_rel_pos_bias=rel_pos == "per_block",
+            use_shared_rel_pos_bias=rel_pos == "shared",
+        )
     kwargs.update(overrides)
     return kwargs

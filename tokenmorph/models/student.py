@@ -2,21 +2,23 @@
 
 The encoder *is* timm's ``Beit`` (shared relative position bias, no absolute position embedding,
 LayerScale, qkv bias, LayerNorm eps 1e-6, drop path), so its ``state_dict`` loads into timm for
-fine-tuning. What DTM adds around it (method.md 1.2): a learned mask token that replaces the patch
-embeddings of masked patches, and a head, ``Linear(dim -> teacher dim)`` on every patch token after the
-encoder's final norm.
+fine-tuning. What DTM adds around it (docs/method.md 1.2): a learned mask token that replaces the
+patch embeddings of masked patches, and a head, ``Linear(dim -> teacher dim)`` on every patch
+token after the encoder's final norm.
 
 Loading the encoder into timm (strict, no missing or unexpected keys)::
 
     import timm
     from tokenmorph.models import timm_encoder_kwargs, timm_model_name
     model = timm.create_model(timm_model_name(student.arch), num_classes=0, global_pool="",
-                              **timm_encoder_kwargs(student.arch))   # shared bias, no per-block bias
+                              **timm_encoder_kwargs(student.arch))   # shared bias, no per-block
+                              bias
     model.load_state_dict(student.encoder.state_dict())
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -29,13 +31,19 @@ from .arch import encoder_shape, timm_encoder_kwargs
 
 __all__ = ["StudentBase", "MaskedViTStudent", "create_student"]
 
+
 class StudentBase(nn.Module):
-    """What both students share: a timm ``encoder`` (with ``patch_embed``), a ``mask_token``, input
+    """What both students share: a timm ``encoder`` (with ``patch_embed``), a ``mask_token``,
+           input
     normalisation buffers ``mean`` / ``std`` (images come in [0, 1]) and the grid properties."""
 
     def _set_input_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
         self.grad_checkpointing = False
 
     @property
@@ -61,7 +69,8 @@ class MaskedViTStudent(StudentBase):
     Args:
         size: "tiny" | "small" | "base" | "large" (or give embed_dim / depth / num_heads).
         target_dim: D of the teacher tokens the head predicts (512 for CLIP ViT-B/16).
-        img_size, patch_size: input side and patch side (16 at 224; e.g. 4 at 32 for small images).
+        img_size, patch_size: input side and patch side (16 at 224; e.g. 4 at 32 for small
+            images).
         drop_path_rate: stochastic depth (0.1 in DTM).
         init_values: LayerScale init (0.1).
         mean, std: input normalisation; ``forward`` takes images in [0, 1].
@@ -78,17 +87,29 @@ class MaskedViTStudent(StudentBase):
         init_values: float = 0.1,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
-        depth: Optional[int] = None,
-        embed_dim: Optional[int] = None,
-        num_heads: Optional[int] = None,
+        depth: int | None = None,
+        embed_dim: int | None = None,
+        num_heads: int | None = None,
     ) -> None:
         super().__init__()
-        embed_dim, depth, num_heads = encoder_shape(size, img_size, patch_size, embed_dim, depth, num_heads)
+        embed_dim, depth, num_heads = encoder_shape(
+            size, img_size, patch_size, embed_dim, depth, num_heads
+        )
         self.size = size
-        self.arch = dict(framework="beit", img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
-                         depth=depth, num_heads=num_heads, init_values=init_values)
-        self.encoder = Beit(**timm_encoder_kwargs(self.arch, drop_path_rate=drop_path_rate, num_classes=0,
-                                                  global_pool=""))
+        self.arch = dict(
+            framework="beit",
+            img_size=img_size,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            init_values=init_values,
+        )
+        self.encoder = Beit(
+            **timm_encoder_kwargs(
+                self.arch, drop_path_rate=drop_path_rate, num_classes=0, global_pool=""
+            )
+        )
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
         self.head = nn.Linear(embed_dim, target_dim)
@@ -96,13 +117,19 @@ class MaskedViTStudent(StudentBase):
         nn.init.zeros_(self.head.bias)
         self._set_input_normalization(mean, std)
 
-    def forward_features(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """images (B, 3, H, W) in [0, 1], mask (B, N) bool (True = masked) -> (B, 1 + N, dim) after the final norm."""
+    def forward_features(
+        self, images: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1], mask (B, N) bool (True = masked) -> (B, 1 + N, dim)
+           after
+        the final norm."""
         enc = self.encoder
         x = enc.patch_embed((images - self.mean) / self.std)
         if mask is not None:
             if mask.shape != x.shape[:2]:
-                raise ValueError(f"mask must be (B, N) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+                raise ValueError(
+                    f"mask must be (B, N) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}"
+                )
             w = mask.unsqueeze(-1).to(x.dtype)
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         x = torch.cat([enc.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
@@ -115,8 +142,9 @@ class MaskedViTStudent(StudentBase):
                 x = blk(x, shared_rel_pos_bias=rel_pos_bias)
         return enc.norm(x)
 
-    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1], optional (B, N) mask -> (B, N, target_dim) predicted teacher tokens."""
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1], optional (B, N) mask -> (B, N, target_dim) predicted teacher
+        tokens."""
         return self.head(self.forward_features(images, mask)[:, 1:])
 
 

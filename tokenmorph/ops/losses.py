@@ -1,9 +1,9 @@
-"""The DTM loss (method.md 1.5) and the per-token distances it is built from.
+"""The DTM loss (docs/method.md 1.5) and the per-token distances it is built from.
 
-Release semantics (default): at each level every token is replaced by its group mean (prediction and
-target alike) and the loss is the mean over all B x N positions of a channel-mean distance. Because all
-members of a group then carry the same pair of vectors, that equals a size-weighted mean over the G
-groups, which is how it is computed here: no broadcast back to N tokens.
+Release semantics (default): at each level every token is replaced by its group mean (prediction
+and target alike) and the loss is the mean over all B x N positions of a channel-mean distance.
+Because all members of a group then carry the same pair of vectors, that equals a size-weighted
+mean over the G groups, which is how it is computed here: no broadcast back to N tokens.
 
 Three lines in an existing MIM loop::
 
@@ -11,10 +11,11 @@ Three lines in an existing MIM loop::
     criterion = DTMLoss(num_levels=2)          # samples its own schedules every call
     loss = criterion(student_tokens, teacher_tokens)   # (B, N, D) each
 """
+
 from __future__ import annotations
 
 import random as _random
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,16 @@ from torch import nn
 
 from .morph import Morph, gram, morph_from_gram, sample_schedule
 
-__all__ = ["DISTANCES", "SCHEDULERS", "token_distance", "dtm_loss", "DTMLoss", "patch_mse", "zoom_in_mask_loss"]
+__all__ = [
+    "DISTANCES",
+    "SCHEDULERS",
+    "token_distance",
+    "dtm_loss",
+    "DTMLoss",
+    "patch_mse",
+    "zoom_in_mask_loss",
+]
+
 
 def _smooth_l1(u, v, beta):
     return F.smooth_l1_loss(u, v, reduction="none", beta=beta).mean(-1)
@@ -40,17 +50,22 @@ def _cosine(u, v, beta):
     return 1.0 - F.cosine_similarity(u, v, dim=-1, eps=1e-8)
 
 
-# name -> per-token distance (u, v, beta) -> (...): the config's ``distance`` choices come from here.
+# name -> per-token distance (u, v, beta) -> (...): the config's ``distance`` choices come from
+# here.
 DISTANCES = {"smooth_l1": _smooth_l1, "l1": _l1, "l2": _l2, "cosine": _cosine}
 SCHEDULERS = ("release", "paper", "none")  # DTMLoss's: the morph schedulers, or none (token-wise)
 
 
 def token_distance(
-    u: torch.Tensor, v: Optional[torch.Tensor] = None, distance: str = "smooth_l1", beta: float = 2.0
+    u: torch.Tensor,
+    v: torch.Tensor | None = None,
+    distance: str = "smooth_l1",
+    beta: float = 2.0,
 ) -> torch.Tensor:
     """Per-token distance averaged over channels: (..., C), (..., C) -> (...).
 
-    smooth_l1: 0.5 d^2 / beta where |d| < beta, else |d| - beta / 2 (d = u - v). l1: |d|. l2: d^2 (MSE).
+    smooth_l1: 0.5 d^2 / beta where |d| < beta, else |d| - beta / 2 (d = u - v). l1: |d|. l2: d^2
+    (MSE).
     cosine: 1 - cos(u, v) (the negative cosine shifted to be >= 0; gradients are those of -cos).
     ``v=None`` means ``u`` already is the difference d (not for cosine).
     """
@@ -60,7 +75,9 @@ def token_distance(
     if v is None:
         if distance == "cosine":
             raise ValueError("the cosine distance needs both u and v")
-        v = torch.zeros((), dtype=u.dtype, device=u.device).expand_as(u)  # stride 0: the fused kernels, no copy
+        v = torch.zeros((), dtype=u.dtype, device=u.device).expand_as(
+            u
+        )  # stride 0: the fused kernels, no copy
     return fn(u, v, beta)
 
 
@@ -73,15 +90,16 @@ def _level_loss(
     m: Morph,
     pred: torch.Tensor,
     target: torch.Tensor,
-    diff: Optional[torch.Tensor],
+    diff: torch.Tensor | None,
     distance: str,
     beta: float,
     normalize_target: bool,
-    mask: Optional[torch.Tensor],
+    mask: torch.Tensor | None,
     per_group: bool,
 ) -> torch.Tensor:
     if diff is not None:
-        # Group means are linear: mean(pred) - mean(target) = mean(pred - target), one scatter not two.
+        # Group means are linear: mean(pred) - mean(target) = mean(pred - target), one scatter
+        # not two.
         d = token_distance(m.reduce(diff), None, distance, beta)
     else:
         v = m.reduce(target)
@@ -100,14 +118,14 @@ def _level_loss(
 def dtm_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
-    schedules: Sequence[Union[Sequence[int], Morph]],
+    schedules: Sequence[Sequence[int] | Morph],
     mode: str = "reference",
     distance: str = "smooth_l1",
     beta: float = 2.0,
     normalize_target: bool = False,
-    mask: Optional[torch.Tensor] = None,
+    mask: torch.Tensor | None = None,
     per_group: bool = False,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """DTM loss averaged over levels.
 
@@ -128,13 +146,18 @@ def dtm_loss(
         Scalar loss, float32 (computed in float32 even under autocast).
     """
     if pred.shape != target.shape or pred.dim() != 3:
-        raise ValueError(f"pred and target must both be (B, N, C); got {tuple(pred.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"pred and target must both be (B, N, C); got {tuple(pred.shape)} and "
+            f"{tuple(target.shape)}"
+        )
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {tuple(DISTANCES)}, got {distance!r}")
     if mask is not None and tuple(mask.shape) != tuple(pred.shape[:2]):
         raise ValueError(f"mask must be (B, N) = {tuple(pred.shape[:2])}, got {tuple(mask.shape)}")
     if len(schedules) == 0:
-        raise ValueError("schedules must hold at least one level (use [[0]] for token-wise distillation)")
+        raise ValueError(
+            "schedules must hold at least one level (use [[0]] for token-wise distillation)"
+        )
     with torch.autocast(pred.device.type, enabled=False):
         wide = torch.float64 if pred.dtype == torch.float64 else torch.float32
         pred = pred.to(wide)
@@ -143,20 +166,29 @@ def dtm_loss(
         diff = pred - target if distance != "cosine" and not normalize_target else None
         K = None
         losses = []
-        last_morphed = max((i for i, s in enumerate(schedules) if not isinstance(s, Morph)), default=-1)
+        last_morphed = max(
+            (i for i, s in enumerate(schedules) if not isinstance(s, Morph)), default=-1
+        )
         for i, level in enumerate(schedules):
             if isinstance(level, Morph):
                 m = level
             else:
                 if K is None:  # one Gram serves every level
                     K = gram(target)
-                m = morph_from_gram(K, level, mode=mode, generator=generator, inplace=i == last_morphed)
-            losses.append(_level_loss(m, pred, target, diff, distance, beta, normalize_target, mask, per_group))
+                m = morph_from_gram(
+                    K, level, mode=mode, generator=generator, inplace=i == last_morphed
+                )
+            losses.append(
+                _level_loss(
+                    m, pred, target, diff, distance, beta, normalize_target, mask, per_group
+                )
+            )
         return torch.stack(losses).mean()
 
 
 class DTMLoss(nn.Module):
-    """DTM loss that draws its own dynamic schedules every call (method.md 1.4, release scheduler).
+    """DTM loss that draws its own dynamic schedules every call (docs/method.md 1.4, release
+    scheduler).
 
     Example::
 
@@ -166,17 +198,19 @@ class DTMLoss(nn.Module):
     Args:
         num_levels: L, independent schedules per call (2 in the paper).
         n_max, k_max: scheduler bounds (default n_max = N of the input, k_max = 14).
-        scheduler: "release" or "paper" (see :func:`tokenmorph.morph.sample_schedule`), or "none" for
-            token-wise distillation.
+        scheduler: "release" or "paper" (see :func:`tokenmorph.morph.sample_schedule`), or "none"
+            for token-wise distillation.
         mode, distance, beta, normalize_target, per_group: as :func:`dtm_loss`.
-        masked_only: use the ``mask`` passed to ``forward`` (else it is ignored: all tokens count).
-        seed: seed of the module's own schedule RNG (reproducible runs); None uses the global RNG.
+        masked_only: use the ``mask`` passed to ``forward`` (else it is ignored: all tokens
+            count).
+        seed: seed of the module's own schedule RNG (reproducible runs); None uses the global
+            RNG.
     """
 
     def __init__(
         self,
         num_levels: int = 2,
-        n_max: Optional[int] = None,
+        n_max: int | None = None,
         k_max: int = 14,
         scheduler: str = "release",
         mode: str = "reference",
@@ -185,7 +219,7 @@ class DTMLoss(nn.Module):
         normalize_target: bool = False,
         per_group: bool = False,
         masked_only: bool = False,
-        seed: Optional[int] = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if num_levels < 1:
@@ -197,25 +231,45 @@ class DTMLoss(nn.Module):
         self.num_levels, self.n_max, self.k_max = num_levels, n_max, k_max
         self.scheduler, self.mode = scheduler, mode
         self.distance, self.beta = distance, beta
-        self.normalize_target, self.per_group, self.masked_only = normalize_target, per_group, masked_only
+        self.normalize_target, self.per_group, self.masked_only = (
+            normalize_target,
+            per_group,
+            masked_only,
+        )
         self.rng = _random.Random(seed) if seed is not None else None
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.last_schedules: list[list[int]] = []
 
     def sample_schedules(self, num_tokens: int, rng=None) -> list[list[int]]:
-        """L schedules from ``rng`` (a random.Random / torch.Generator), else the module's own RNG.
+        """L schedules from ``rng`` (a random.Random / torch.Generator), else the module's own
+           RNG.
         ``scheduler="none"`` gives token-wise distillation (no merging)."""
         if self.scheduler == "none":
             return [[] for _ in range(self.num_levels)]
         rng = self.rng if rng is None else rng
         n_max = num_tokens if self.n_max is None else min(self.n_max, num_tokens)
         return [
-            sample_schedule(num_tokens, n_max, self.k_max, self.scheduler, rng, protect_first=self.mode == "reference")
+            sample_schedule(
+                num_tokens,
+                n_max,
+                self.k_max,
+                self.scheduler,
+                rng,
+                protect_first=self.mode == "reference",
+            )
             for _ in range(self.num_levels)
         ]
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None, rng=None) -> torch.Tensor:
-        """pred, target (B, N, D); mask (B, N) bool (used when ``masked_only``); ``rng`` seeds this call's schedules."""
+    def forward(
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        rng=None,
+    ) -> torch.Tensor:
+        """pred, target (B, N, D); mask (B, N) bool (used when ``masked_only``); ``rng`` seeds
+           this
+        call's schedules."""
         self.last_schedules = self.sample_schedules(pred.shape[1], rng)
         return dtm_loss(
             pred,
@@ -237,10 +291,13 @@ class DTMLoss(nn.Module):
         )
 
 
-# --------------------------------------------------------------------------- pixel reconstruction
-def patch_mse(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """MAE's loss: pred, target (B, N, D), mask (B, N) bool -> the per-token MSE (mean over D) averaged over
-    the masked tokens (all tokens when ``mask`` is None)."""
+# --------------------------------------------------------------------------- pixel
+# reconstruction
+def patch_mse(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MAE's loss: pred, target (B, N, D), mask (B, N) bool -> the per-token MSE (mean over D)
+    averaged over the masked tokens (all tokens when ``mask`` is None)."""
     per_token = (pred.float() - target.float()).pow(2).mean(dim=-1)
     if mask is None:
         return per_token.mean()
@@ -248,22 +305,31 @@ def patch_mse(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Ten
     return (per_token * m).sum() / m.sum().clamp(min=1.0)
 
 
-def zoom_in_mask_loss(pred: torch.Tensor, view_target: torch.Tensor, mask: torch.Tensor, patch: int, grid: int,
-                      ring: int, ring_weight: float = 0.2) -> tuple[torch.Tensor, dict]:
-    """The best practice's loss (method.md 2): masking plus zoom-in misalignment.
+def zoom_in_mask_loss(
+    pred: torch.Tensor,
+    view_target: torch.Tensor,
+    mask: torch.Tensor,
+    patch: int,
+    grid: int,
+    ring: int,
+    ring_weight: float = 0.2,
+) -> tuple[torch.Tensor, dict]:
+    """The best practice's loss (docs/method.md 2): masking plus zoom-in misalignment.
 
     Args:
-        pred: (B, grid^2, p*p*3) predictions on the output grid, which covers the whole zoom-in view.
-        view_target: (B, (grid + 2 ring)^2, p*p*3) normalised patches of the clean view on its own patch
-            grid; its centre grid x grid patches are exactly the input frame's patches.
+        pred: (B, grid^2, p*p*3) predictions on the output grid, which covers the whole zoom-in
+        view.
+        view_target: (B, (grid + 2 ring)^2, p*p*3) normalised patches of the clean view on its
+            own patch grid; its centre grid x grid patches are exactly the input frame's patches.
         mask: (B, grid^2) bool, the input's masked tokens.
         patch, grid, ring: patch side in pixels; input grid side and ring width, in patches.
-        ring_weight: weight of the border-ring term (0.2); the masked-token term gets 1 - ring_weight.
+        ring_weight: weight of the border-ring term (0.2); the masked-token term gets 1 -
+        ring_weight.
 
-    The prediction is mapped back to the view (area interpolation to the view's side) and cut into the
-    view's patches: the masked term is MAE's masked-token MSE on the centre (input-frame) patches; the
-    ring term adds the MSE of each of the four strips the input never saw.
-    Returns (loss, {"masked": ..., "ring": ...}).
+    The prediction is mapped back to the view (area interpolation to the view's side) and cut
+    into the view's patches: the masked term is MAE's masked-token MSE on the centre
+    (input-frame) patches; the ring term adds the MSE of each of the four strips the input never
+    saw. Returns (loss, {"masked": ..., "ring": ...}).
     """
     from .degrade import output_to_view, view_regions
     from .patches import patchify

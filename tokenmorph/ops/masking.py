@@ -1,16 +1,17 @@
 """Masking for masked image modelling.
 
-* :func:`block_mask`: BEiT block-wise masking on the patch grid (DTM uses exactly 75 of 196 patches,
-  blocks of at least 16 patches, aspect ratio in [0.3, 1/0.3]). Per sample, a few dozen NumPy
-  operations on a 14x14 grid: cheap enough for data-loader workers or the training step.
-* :func:`random_mask`: MAE's per-sample random masking (``ids_keep`` / ``ids_restore``), vectorised
-  over the batch.
+* :func:`block_mask`: BEiT block-wise masking on the patch grid (DTM uses exactly 75 of 196
+  patches, blocks of at least 16 patches, aspect ratio in [0.3, 1/0.3]). Per sample, a few dozen
+  NumPy operations on a 14x14 grid: cheap enough for data-loader workers or the training step.
+* :func:`random_mask`: MAE's per-sample random masking (``ids_keep`` / ``ids_restore``),
+  vectorised over the batch.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -23,11 +24,11 @@ SeedLike = Union[None, int, np.random.Generator]
 class BlockMasking:
     """BEiT block-wise mask generator with an exact masked count (BEiT v2 semantics).
 
-    Rectangles are drawn with area ~ U(min_num_patches, remaining) and log-uniform aspect ratio
-    h / w in [min_aspect, max_aspect]; a rectangle is kept when its rounded size still has at least
-    ``min_num_patches`` patches and an aspect ratio in range, and it adds between 1 and ``remaining``
-    new patches. After 10 failed draws in a row, block placement stops and the count is made exact
-    with random single patches (as BEiT v2 does).
+    Rectangles are drawn with area ~ U(min_num_patches, remaining) and log-uniform aspect ratio h
+    / w in [min_aspect, max_aspect]; a rectangle is kept when its rounded size still has at least
+    ``min_num_patches`` patches and an aspect ratio in range, and it adds between 1 and
+    ``remaining`` new patches. After 10 failed draws in a row, block placement stops and the
+    count is made exact with random single patches (as BEiT v2 does).
 
     Args:
         grid: (H, W) patch grid, or an int for a square one.
@@ -39,17 +40,20 @@ class BlockMasking:
 
     def __init__(
         self,
-        grid: Union[int, tuple[int, int]] = 14,
+        grid: int | tuple[int, int] = 14,
         num_masked: int = 75,
         min_num_patches: int = 16,
-        max_num_patches: Optional[int] = None,
+        max_num_patches: int | None = None,
         min_aspect: float = 0.3,
-        max_aspect: Optional[float] = None,
+        max_aspect: float | None = None,
     ) -> None:
         self.height, self.width = (grid, grid) if isinstance(grid, int) else tuple(grid)
         total = self.height * self.width
         if not 0 <= num_masked <= total:
-            raise ValueError(f"num_masked={num_masked} must be in [0, {total}] for a {self.height}x{self.width} grid")
+            raise ValueError(
+                f"num_masked={num_masked} must be in [0, {total}] for a {self.height}x{self.width} "
+                "grid"
+            )
         if min_num_patches < 1:
             raise ValueError(f"min_num_patches must be >= 1, got {min_num_patches}")
         if not 0 < min_aspect <= 1:
@@ -64,7 +68,8 @@ class BlockMasking:
     def __repr__(self) -> str:
         return (
             f"BlockMasking(grid=({self.height}, {self.width}), num_masked={self.num_masked}, "
-            f"min_num_patches={self.min_num_patches}, aspect=[{self.min_aspect:.3g}, {self.max_aspect:.3g}])"
+            f"min_num_patches={self.min_num_patches}, aspect=[{self.min_aspect:.3g}, "
+            f"{self.max_aspect:.3g}])"
         )
 
     def _place_block(self, mask: np.ndarray, remaining: int, rng: np.random.Generator):
@@ -88,7 +93,8 @@ class BlockMasking:
         return None
 
     def sample(self, rng: np.random.Generator, return_blocks: bool = False):
-        """One (H, W) bool mask (True = masked); with ``return_blocks`` also the rectangles placed."""
+        """One (H, W) bool mask (True = masked); with ``return_blocks`` also the rectangles
+        placed."""
         mask = np.zeros((self.height, self.width), dtype=bool)
         blocks = []
         count = 0
@@ -105,7 +111,8 @@ class BlockMasking:
         return (mask, blocks) if return_blocks else mask
 
     def __call__(self, batch_size: int, seed: SeedLike = None) -> torch.Tensor:
-        """(B, H*W) bool masks, True = masked. ``seed``: an int, a NumPy Generator, or None (fresh)."""
+        """(B, H*W) bool masks, True = masked. ``seed``: an int, a NumPy Generator, or None
+        (fresh)."""
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         masks = np.stack([self.sample(rng).reshape(-1) for _ in range(batch_size)])
         return torch.from_numpy(masks)
@@ -113,13 +120,14 @@ class BlockMasking:
 
 def block_mask(
     batch_size: int,
-    grid: Union[int, tuple[int, int]] = 14,
+    grid: int | tuple[int, int] = 14,
     num_masked: int = 75,
     min_num_patches: int = 16,
     min_aspect: float = 0.3,
     seed: SeedLike = None,
 ) -> torch.Tensor:
-    """BEiT block-wise masks: (B, H*W) bool, exactly ``num_masked`` True per row. See :class:`BlockMasking`."""
+    """BEiT block-wise masks: (B, H*W) bool, exactly ``num_masked`` True per row. See
+    :class:`BlockMasking`."""
     return BlockMasking(grid, num_masked, min_num_patches, min_aspect=min_aspect)(batch_size, seed)
 
 
@@ -129,7 +137,8 @@ class RandomMask:
 
     Attributes:
         ids_keep: (B, N_keep) token indices kept (visible), in random order.
-        ids_restore: (B, N) the permutation that puts ``cat([visible, masked])`` back in token order.
+        ids_restore: (B, N) the permutation that puts ``cat([visible, masked])`` back in token
+        order.
         mask: (B, N) bool in token order, True = masked (removed).
     """
 
@@ -138,13 +147,20 @@ class RandomMask:
     mask: torch.Tensor
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor) -> "RandomMask":
-        """From a (B, N) bool mask (True = removed) with the same count in every row, e.g. drawn in a data
-        loader; the visible tokens are kept in token order (a stable sort, no loop over the batch)."""
+    def from_mask(cls, mask: torch.Tensor) -> RandomMask:
+        """From a (B, N) bool mask (True = removed) with the same count in every row, e.g. drawn
+           in
+        a data loader; the visible tokens are kept in token order (a stable sort, no loop over
+        the batch)."""
         counts = mask.sum(dim=1)
         if (counts != counts[0]).any():
-            raise ValueError(f"every sample must mask the same number of tokens, got {sorted(set(counts.tolist()))}")
-        ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # visible first, then removed
+            raise ValueError(
+                "every sample must mask the same number of tokens, got "
+                f"{sorted(set(counts.tolist()))}"
+            )
+        ids_shuffle = torch.argsort(
+            mask.to(torch.int8), dim=1, stable=True
+        )  # visible first, then removed
         n_keep = mask.shape[1] - int(counts[0])
         return cls(ids_shuffle[:, :n_keep], ids_shuffle.argsort(dim=1), mask)
 
@@ -153,7 +169,9 @@ class RandomMask:
         return x.gather(1, self.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
     def restore(self, visible: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-        """Back to token order: visible (B, N_keep, C) plus ``fill`` (C,) at masked positions -> (B, N, C)."""
+        """Back to token order: visible (B, N_keep, C) plus ``fill`` (C,) at masked positions ->
+               (B,
+        N, C)."""
         B, n_keep, C = visible.shape
         N = self.ids_restore.shape[1]
         full = torch.cat([visible, fill.to(visible.dtype).expand(B, N - n_keep, C)], dim=1)
@@ -164,10 +182,11 @@ def random_mask(
     batch_size: int,
     num_tokens: int,
     mask_ratio: float = 0.75,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     device=None,
 ) -> RandomMask:
-    """MAE random masking: each sample keeps ``int(N * (1 - mask_ratio))`` tokens chosen uniformly."""
+    """MAE random masking: each sample keeps ``int(N * (1 - mask_ratio))`` tokens, chosen
+    uniformly."""
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     n_keep = num_tokens - num_random_masked(num_tokens, mask_ratio)

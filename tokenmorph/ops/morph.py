@@ -1,27 +1,30 @@
 """Dynamic Token Morphing: iterative bipartite matching of target tokens into groups.
 
-The morphing function of DTM (method.md 1.3) turns N target tokens into G groups by ``k`` rounds of
-bipartite matching: split the current sequence into sets A and B, link every A-token to its most
-cosine-similar B-token, merge the ``r_p`` best-linked A-tokens into their partners.
+The morphing function of DTM (docs/method.md 1.3) turns N target tokens into G groups by ``k``
+rounds of bipartite matching: split the current sequence into sets A and B, link every A-token to
+its most cosine-similar B-token, merge the ``r_p`` best-linked A-tokens into their partners.
 
-The official release tracks a dense (B, n, N) membership matrix per round and aggregates with matrix
-products. Here the grouping is carried as integer labels, and matching runs on a Gram matrix:
+The official release tracks a dense (B, n, N) membership matrix per round and aggregates with
+matrix products. Here the grouping is carried as integer labels, and matching runs on a Gram
+matrix:
 
-* the cosine similarity of two groups' mean features equals ``<S_g, S_h> / (|S_g| |S_h|)`` with ``S``
-  the member sums, and ``<S_g, S_h>`` is a sum of Gram entries of the members. So the (B, N, N) Gram of
-  the original tokens is computed once (shared by every level of the loss), and a merge only adds
-  ``r`` rows and columns into their partners' ("slots": a group lives in the slot of its B-token);
+* the cosine similarity of two groups' mean features equals ``<S_g, S_h> / (|S_g| |S_h|)`` with
+  ``S`` the member sums, and ``<S_g, S_h>`` is a sum of Gram entries of the members. So the (B,
+  N, N) Gram of the original tokens is computed once (shared by every level of the loss), and a
+  merge only adds ``r`` rows and columns into their partners' ("slots": a group lives in the slot
+  of its B-token);
 * aggregation is a scatter over (B, N) labels: O(B N C) instead of O(B G N C).
 
-``mode="reference"`` reproduces the release's grouping exactly; ``mode="paper"`` is the paper's reading
-(random split, nothing protected). See :func:`bipartite_morph`.
+``mode="reference"`` reproduces the release's grouping exactly; ``mode="paper"`` is the paper's
+reading (random split, nothing protected). See :func:`bipartite_morph`.
 """
+
 from __future__ import annotations
 
 import math
 import random as _random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
@@ -51,8 +54,9 @@ class Morph:
     """A partition of N tokens into G groups, identical in size for every batch element.
 
     Attributes:
-        labels: (B, N) int64, group index of every original token, in ``[0, num_groups)``. Groups are
-            numbered in the order of the final merged sequence (as the release's membership rows).
+        labels: (B, N) int64, group index of every original token, in ``[0, num_groups)``. Groups
+            are numbered in the order of the final merged sequence (as the release's membership
+            rows).
         num_groups: G.
         sizes: (B, G) int64, members per group (every entry >= 1).
     """
@@ -79,9 +83,12 @@ class Morph:
         B, N, C = x.shape
         if (B, N) != tuple(self.labels.shape):
             raise ValueError(
-                f"reduce: x has batch/tokens {(B, N)} but the morph was built for {tuple(self.labels.shape)}"
+                f"reduce: x has batch/tokens {(B, N)} but the morph was built for "
+                f"{tuple(self.labels.shape)}"
             )
-        out = x.new_zeros(B * self.num_groups, C).index_add_(0, self._flat_index(), x.reshape(B * N, C))
+        out = x.new_zeros(B * self.num_groups, C).index_add_(
+            0, self._flat_index(), x.reshape(B * N, C)
+        )
         out = out.view(B, self.num_groups, C)
         if reduce == "sum":
             return out
@@ -93,7 +100,10 @@ class Morph:
         """Broadcast group values back to tokens: (B, G, C) -> (B, N, C)."""
         B, G, C = y.shape
         if G != self.num_groups or B != self.labels.shape[0]:
-            raise ValueError(f"expand: y has shape {tuple(y.shape)}, expected (B={self.labels.shape[0]}, G={self.num_groups}, C)")
+            raise ValueError(
+                f"expand: y has shape {tuple(y.shape)}, expected (B={self.labels.shape[0]}, "
+                f"G={self.num_groups}, C)"
+            )
         return y.reshape(B * G, C).index_select(0, self._flat_index()).view(B, -1, C)
 
     def count(self, weights: torch.Tensor) -> torch.Tensor:
@@ -107,9 +117,12 @@ def identity_morph(batch: int, num_tokens: int, device=None) -> Morph:
     return Morph(labels, num_tokens, torch.ones(batch, num_tokens, dtype=torch.long, device=device))
 
 
-def effective_schedule(num_tokens: int, schedule: Sequence[int], protect_first: bool = True) -> list[int]:
-    """The merge counts that actually happen: each ``r_p`` capped at floor(n/2), or floor((n-1)/2) when
-    the first token is protected, where n is the current sequence length. Zeros are kept."""
+def effective_schedule(
+    num_tokens: int, schedule: Sequence[int], protect_first: bool = True
+) -> list[int]:
+    """The merge counts that actually happen: each ``r_p`` capped at floor(n/2), or
+           floor((n-1)/2)
+    when the first token is protected, where n is the current sequence length. Zeros are kept."""
     n, out = num_tokens, []
     for r in schedule:
         r = int(r)
@@ -123,7 +136,8 @@ def effective_schedule(num_tokens: int, schedule: Sequence[int], protect_first: 
 
 
 def gram(tokens: torch.Tensor) -> torch.Tensor:
-    """(B, N, D) -> (B, N, N) Gram matrix in at least float32 (autocast off: matching must be exact)."""
+    """(B, N, D) -> (B, N, N) Gram matrix in at least float32 (autocast off: matching must be
+    exact)."""
     with torch.autocast(tokens.device.type, enabled=False):
         t = tokens.detach()
         if t.dtype not in (torch.float32, torch.float64):
@@ -135,19 +149,21 @@ def bipartite_morph(
     tokens: torch.Tensor,
     schedule: Sequence[int],
     mode: str = "reference",
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> Morph:
-    """Group tokens by iterative bipartite matching (method.md 1.3).
+    """Group tokens by iterative bipartite matching (docs/method.md 1.3).
 
     Args:
-        tokens: (B, N, D) features that decide the grouping (DTM: the teacher's targets). No gradient
-            flows through the grouping.
-        schedule: per-iteration merge counts ``[r_1, ..., r_k]``; each is capped by the current length
-            (see :func:`effective_schedule`), so the result has ``N - sum(effective)`` groups.
+        tokens: (B, N, D) features that decide the grouping (DTM: the teacher's targets). No
+            gradient flows through the grouping.
+        schedule: per-iteration merge counts ``[r_1, ..., r_k]``; each is capped by the current
+            length (see :func:`effective_schedule`), so the result has ``N - sum(effective)``
+            groups.
         mode: ``"reference"``: the official release exactly: alternating split (A = even, B = odd
             positions of the current sequence), the first token protected, new sequence
             ``[unmerged A in order] + [B]``, ties broken towards the lower index.
-            ``"paper"``: a random split of every sequence per sample and iteration, nothing protected.
+            ``"paper"``: a random split of every sequence per sample and iteration, nothing
+            protected.
         generator: random source for ``mode="paper"``.
 
     Returns:
@@ -160,10 +176,11 @@ def morph_from_gram(
     gram_matrix: torch.Tensor,
     schedule: Sequence[int],
     mode: str = "reference",
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     inplace: bool = False,
 ) -> Morph:
-    """:func:`bipartite_morph` from a precomputed (B, N, N) Gram matrix; ``inplace=True`` lets it be
+    """:func:`bipartite_morph` from a precomputed (B, N, N) Gram matrix; ``inplace=True`` lets it
+       be
     overwritten (saves a copy when the caller needs it no more)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -187,14 +204,23 @@ def morph_from_gram(
             a, b = seq[:, 0::2], seq[:, 1::2]
         else:
             rand_device = generator.device if generator is not None else device
-            perm = torch.rand(B, n, generator=generator, device=rand_device).to(device).argsort(dim=1)
+            perm = (
+                torch.rand(B, n, generator=generator, device=rand_device).to(device).argsort(dim=1)
+            )
             na = (n + 1) // 2
             a = seq.gather(1, perm[:, :na].sort(dim=1).values)
             b = seq.gather(1, perm[:, na:].sort(dim=1).values)
         na, nb = a.shape[1], b.shape[1]
-        inv_norm = K.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().clamp_min(_EPS).reciprocal()  # (B, N) by slot
-        dots = K.view(B, N * N).gather(1, (a[:, :, None] * N + b[:, None, :]).view(B, na * nb)).view(B, na, nb)
-        # The A-norm does not change which B is best: scale the (B, na) maxima, not the (B, na, nb) scores.
+        inv_norm = (
+            K.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().clamp_min(_EPS).reciprocal()
+        )  # (B, N) by slot
+        dots = (
+            K.view(B, N * N)
+            .gather(1, (a[:, :, None] * N + b[:, None, :]).view(B, na * nb))
+            .view(B, na, nb)
+        )
+        # The A-norm does not change which B is best: scale the (B, na) maxima, not the (B, na,
+        # nb) scores.
         node_max, node_idx = (dots * inv_norm.gather(1, b)[:, None, :]).max(dim=-1)
         node_max = node_max * inv_norm.gather(1, a)
         if protect:
@@ -203,9 +229,14 @@ def morph_from_gram(
         src_i, unm_i = order[:, :r], order[:, r:].sort(dim=1).values
         src = a.gather(1, src_i)  # (B, r) slots that merge away
         dst = b.gather(1, node_idx.gather(1, src_i))  # (B, r) slots they merge into
-        # Group sums add up, so the Gram of the merged groups is: add source rows, then source columns.
-        K.scatter_add_(1, dst[:, :, None].expand(B, r, N), K.gather(1, src[:, :, None].expand(B, r, N)))
-        K.scatter_add_(2, dst[:, None, :].expand(B, N, r), K.gather(2, src[:, None, :].expand(B, N, r)))
+        # Group sums add up, so the Gram of the merged groups is: add source rows, then source
+        # columns.
+        K.scatter_add_(
+            1, dst[:, :, None].expand(B, r, N), K.gather(1, src[:, :, None].expand(B, r, N))
+        )
+        K.scatter_add_(
+            2, dst[:, None, :].expand(B, N, r), K.gather(2, src[:, None, :].expand(B, N, r))
+        )
         remap = torch.arange(N, device=device).repeat(B, 1).scatter_(1, src, dst)
         owner = remap.gather(1, owner)
         seq = torch.cat([a.gather(1, unm_i), b], dim=1)
@@ -216,7 +247,9 @@ def morph_from_gram(
     position.scatter_(1, seq, torch.arange(G, device=device).expand(B, G))
     labels = position.gather(1, owner)
     sizes = torch.zeros(B * G, dtype=torch.long, device=device)
-    sizes.index_add_(0, (labels + rows * G).reshape(-1), torch.ones(B * N, dtype=torch.long, device=device))
+    sizes.index_add_(
+        0, (labels + rows * G).reshape(-1), torch.ones(B * N, dtype=torch.long, device=device)
+    )
     return Morph(labels, G, sizes.view(B, G))
 
 
@@ -229,14 +262,14 @@ def _uniform_int(low: int, high: int, generator) -> int:
 
 def sample_schedule(
     num_tokens: int = 196,
-    n_max: Optional[int] = None,
+    n_max: int | None = None,
     k_max: int = 14,
     scheduler: str = "release",
     generator=None,
     protect_first: bool = True,
     min_groups: int = 1,
 ) -> list[int]:
-    """Draw one dynamic morphing schedule (method.md 1.4).
+    """Draw one dynamic morphing schedule (docs/method.md 1.4).
 
     ``scheduler="release"`` (default): num_merge ~ U{0..n_max}, k ~ U{1..k_max};
     r = ceil(num_merge / k), or floor(num_merge / k) when r * k > n_max; schedule = [r] * k.
@@ -250,9 +283,10 @@ def sample_schedule(
         num_tokens: N, tokens before morphing.
         n_max: largest num_merge (release), default N.
         k_max: largest number of iterations.
-        generator: ``torch.Generator`` or ``random.Random`` for seeding (global torch RNG if None).
-        protect_first: whether the morph protects the first token (``mode="reference"``), which sets
-            the caps used by the paper scheduler.
+        generator: ``torch.Generator`` or ``random.Random`` for seeding (global torch RNG if
+            None).
+        protect_first: whether the morph protects the first token (``mode="reference"``), which
+            sets the caps used by the paper scheduler.
         min_groups: smallest n_bar of the paper scheduler.
     """
     if scheduler not in SCHEDULERS:
@@ -279,10 +313,14 @@ def sample_schedule(
     return spread_schedule(num_tokens, n_bar, k, protect_first)
 
 
-def spread_schedule(num_tokens: int, num_groups: int, k: int, protect_first: bool = True) -> list[int]:
-    """A schedule of at least ``k`` iterations that leaves exactly ``num_groups`` groups: the merges are
-    spread as evenly as the per-iteration caps allow, with extra iterations at the end if the caps
-    require them. E.g. ``spread_schedule(196, 98, 1) == [97, 1]`` with the first token protected."""
+def spread_schedule(
+    num_tokens: int, num_groups: int, k: int, protect_first: bool = True
+) -> list[int]:
+    """A schedule of at least ``k`` iterations that leaves exactly ``num_groups`` groups: the
+       merges
+    are spread as evenly as the per-iteration caps allow, with extra iterations at the end if the
+    caps require them. E.g. ``spread_schedule(196, 98, 1) == [97, 1]`` with the first token
+    protected."""
     floor_groups = 2 if protect_first else 1
     if not floor_groups <= num_groups <= num_tokens:
         raise ValueError(f"num_groups must be in [{floor_groups}, {num_tokens}], got {num_groups}")
@@ -296,19 +334,24 @@ def spread_schedule(num_tokens: int, num_groups: int, k: int, protect_first: boo
     return schedule
 
 
-# Default target group counts as fractions of N: 196 -> 196, 98, 49, 16, 8 (viz morph, analyze consistency).
+# Default target group counts as fractions of N: 196 -> 196, 98, 49, 16, 8 (viz morph, analyze
+# consistency).
 DEFAULT_GROUP_FRACTIONS = (1, 1 / 2, 1 / 4, 1 / 12, 1 / 24)
 
 
-def resolve_schedules(num_tokens: int, groups: Optional[Sequence[int]] = None,
-                      schedules: Optional[Sequence[Sequence[int]]] = None, iterations: int = 14,
-                      mode: str = "reference") -> list[list[int]]:
+def resolve_schedules(
+    num_tokens: int,
+    groups: Sequence[int] | None = None,
+    schedules: Sequence[Sequence[int]] | None = None,
+    iterations: int = 14,
+    mode: str = "reference",
+) -> list[list[int]]:
     """Morphing schedules from explicit ``schedules`` or from target group counts.
 
-    A group count G becomes ``spread_schedule(N, G, iterations)``: ``iterations`` bipartite-matching rounds
-    that leave exactly G groups (G = N is the identity). Raises a one-line ``ConfigError`` for a group
-    count outside [2, N] (reference mode protects the first token, so it never merges) or [1, N] (paper),
-    or a negative schedule entry."""
+    A group count G becomes ``spread_schedule(N, G, iterations)``: ``iterations``
+    bipartite-matching rounds that leave exactly G groups (G = N is the identity). Raises a
+    one-line ``ConfigError`` for a group count outside [2, N] (reference mode protects the first
+    token, so it never merges) or [1, N] (paper), or a negative schedule entry."""
     protect = mode == "reference"
     if schedules:
         bad = [list(s) for s in schedules if any(r < 0 for r in s)]
@@ -319,21 +362,28 @@ def resolve_schedules(num_tokens: int, groups: Optional[Sequence[int]] = None,
     groups = list(groups or [])
     bad = [g for g in groups if not lowest <= g <= num_tokens]
     if bad or not groups:
-        raise ConfigError(f"--groups {bad or groups} out of range: give group counts in [{lowest}, {num_tokens}] "
-                          f"for {num_tokens} tokens")
+        raise ConfigError(
+            f"--groups {bad or groups} out of range: give group counts in [{lowest}, {num_tokens}] "
+            f"for {num_tokens} tokens"
+        )
     if iterations < 1:
         raise ConfigError(f"--iterations must be >= 1, got {iterations}")
     return [spread_schedule(num_tokens, g, iterations, protect) for g in groups]
 
 
 def default_groups(num_tokens: int, mode: str = "reference") -> list[int]:
-    """N, N/2, N/4, N/12, N/24 rounded (196 -> 196, 98, 49, 16, 8), at least the smallest allowed count."""
+    """N, N/2, N/4, N/12, N/24 rounded (196 -> 196, 98, 49, 16, 8), at least the smallest allowed
+    count."""
     lowest = 2 if mode == "reference" else 1
-    return sorted({max(lowest, round(num_tokens * f)) for f in DEFAULT_GROUP_FRACTIONS}, reverse=True)
+    return sorted(
+        {max(lowest, round(num_tokens * f)) for f in DEFAULT_GROUP_FRACTIONS}, reverse=True
+    )
 
 
 def schedule_text(schedule: Sequence[int]) -> str:
-    """A schedule, run-length encoded: [7] * 14 -> '7x14'; [11, 11, 10] -> '11x2,10'; no merges -> 'none'."""
+    """A schedule, run-length encoded: [7] * 14 -> '7x14'; [11, 11, 10] -> '11x2,10'; no merges
+           ->
+    'none'."""
     from itertools import groupby
 
     runs = [(r, len(list(g))) for r, g in groupby(int(r) for r in schedule if r)]

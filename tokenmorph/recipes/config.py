@@ -1,19 +1,23 @@
-"""Validated run configurations: a dataclass of typed fields, YAML files, ``key=value`` overrides.
+"""Validated run configurations: a dataclass of typed fields, YAML files, ``key=value``
+       overrides.
 
-Every problem is one line that names the key and what is allowed: an unknown key (with the closest
-valid names), a value of the wrong type, a value outside its choices or range. All checks run before any
-model or data set is built. The choices of the keys that name a component (teacher, objective, distance,
-student size, decoder, ...) come from that component's registry, so a new entry needs no edit here.
+Every problem is one line that names the key and what is allowed: an unknown key (with the
+closest valid names), a value of the wrong type, a value outside its choices or range. All checks
+run before any model or data set is built. The choices of the keys that name a component
+(teacher, objective, distance, student size, decoder, ...) come from that component's registry,
+so a new entry needs no edit here.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Union
 
 import yaml
 
@@ -28,15 +32,28 @@ from ..runtime.optim import LR_SCALING
 from ..runtime.precision import PRECISIONS
 from ..runtime.sampling import check_batch_layout
 
-__all__ = ["ConfigError", "EngineConfig", "PretrainConfig", "FinetuneConfig", "load_config", "config_names",
-           "CONFIG_DIR", "parse_overrides", "describe_keys", "masks_input", "config_from_checkpoint"]
+__all__ = [
+    "ConfigError",
+    "EngineConfig",
+    "PretrainConfig",
+    "FinetuneConfig",
+    "load_config",
+    "config_names",
+    "CONFIG_DIR",
+    "parse_overrides",
+    "describe_keys",
+    "masks_input",
+    "config_from_checkpoint",
+]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SIZES = tuple(STUDENT_SIZES)
+_UNIONS = (Union, types.UnionType)  # Optional[X] and X | None
 
 
 def masks_input(cfg) -> bool:
-    """Whether the config's objective masks the student's input (plain masking, the best practice)."""
+    """Whether the config's objective masks the student's input (plain masking, the best
+    practice)."""
     return DEGRADATIONS[cfg.objective].masked
 
 
@@ -45,37 +62,88 @@ class EngineConfig:
     """Settings of the training engine, shared by every kind of run (pre-training, fine-tuning)."""
 
     # optimisation
-    epochs: float = field(default=300, metadata=dict(doc="training length in epochs (if max_steps is unset)", min=0.0))
-    max_steps: Optional[int] = field(default=None, metadata=dict(doc="training length in optimiser steps (overrides epochs)", min=0))
-    batch_size: int = field(default=1024, metadata=dict(doc="global batch (all ranks, all accumulation steps)", min=1))
-    accum_steps: int = field(default=1, metadata=dict(doc="gradient-accumulation micro-steps per optimiser step", min=1))
-    lr: float = field(default=1.5e-4, metadata=dict(doc="base learning rate (scaled by lr_scaling)", min=0.0))
-    lr_scaling: str = field(default="none", metadata=dict(
-        doc="lr = lr * (batch / lr_base_batch) for linear, its square root for sqrt", choices=tuple(LR_SCALING)))
-    lr_base_batch: int = field(default=256, metadata=dict(doc="reference batch of lr_scaling", min=1))
-    min_lr: float = field(default=1e-5, metadata=dict(doc="final learning rate of the cosine", min=0.0))
-    warmup_epochs: float = field(default=10, metadata=dict(doc="linear warm-up length in epochs", min=0.0))
-    warmup_steps: Optional[int] = field(default=None, metadata=dict(doc="warm-up in steps (overrides warmup_epochs)", min=0))
+    epochs: float = field(
+        default=300, metadata=dict(doc="training length in epochs (if max_steps is unset)", min=0.0)
+    )
+    max_steps: int | None = field(
+        default=None,
+        metadata=dict(doc="training length in optimiser steps (overrides epochs)", min=0),
+    )
+    batch_size: int = field(
+        default=1024, metadata=dict(doc="global batch (all ranks, all accumulation steps)", min=1)
+    )
+    accum_steps: int = field(
+        default=1, metadata=dict(doc="gradient-accumulation micro-steps per optimiser step", min=1)
+    )
+    lr: float = field(
+        default=1.5e-4, metadata=dict(doc="base learning rate (scaled by lr_scaling)", min=0.0)
+    )
+    lr_scaling: str = field(
+        default="none",
+        metadata=dict(
+            doc="lr = lr * (batch / lr_base_batch) for linear, its square root for sqrt",
+            choices=tuple(LR_SCALING),
+        ),
+    )
+    lr_base_batch: int = field(
+        default=256, metadata=dict(doc="reference batch of lr_scaling", min=1)
+    )
+    min_lr: float = field(
+        default=1e-5, metadata=dict(doc="final learning rate of the cosine", min=0.0)
+    )
+    warmup_epochs: float = field(
+        default=10, metadata=dict(doc="linear warm-up length in epochs", min=0.0)
+    )
+    warmup_steps: int | None = field(
+        default=None, metadata=dict(doc="warm-up in steps (overrides warmup_epochs)", min=0)
+    )
     weight_decay: float = field(default=0.05, metadata=dict(doc="AdamW weight decay", min=0.0))
-    weight_decay_end: Optional[float] = field(default=None, metadata=dict(doc="cosine weight-decay schedule end value", min=0.0))
+    weight_decay_end: float | None = field(
+        default=None, metadata=dict(doc="cosine weight-decay schedule end value", min=0.0)
+    )
     beta1: float = field(default=0.9, metadata=dict(doc="AdamW beta1", min=0.0, max=1.0))
     beta2: float = field(default=0.98, metadata=dict(doc="AdamW beta2", min=0.0, max=1.0))
-    clip_grad: Optional[float] = field(default=3.0, metadata=dict(doc="gradient-norm clipping (None = off)", min=0.0))
+    clip_grad: float | None = field(
+        default=3.0, metadata=dict(doc="gradient-norm clipping (None = off)", min=0.0)
+    )
     # runtime
-    precision: str = field(default="bf16", metadata=dict(doc="autocast dtype (fp16 uses a GradScaler, CUDA only)",
-                                                         choices=tuple(PRECISIONS)))
-    device: str = field(default="auto", metadata=dict(doc="cpu, cuda, or auto", choices=("auto", "cpu", "cuda")))
+    precision: str = field(
+        default="bf16",
+        metadata=dict(
+            doc="autocast dtype (fp16 uses a GradScaler, CUDA only)", choices=tuple(PRECISIONS)
+        ),
+    )
+    device: str = field(
+        default="auto", metadata=dict(doc="cpu, cuda, or auto", choices=("auto", "cpu", "cuda"))
+    )
     seed: int = field(default=0, metadata=dict(doc="seed of every random choice"))
-    num_workers: int = field(default=2, metadata=dict(doc="data-loader worker processes per rank", min=0))
-    output_dir: Optional[str] = field(default=None, metadata=dict(doc="run folder (default runs/<config name>)"))
-    stop_after: Optional[int] = field(default=None, metadata=dict(
-        doc="end this invocation after N more steps with a checkpoint (the schedule still spans the whole run; rerun to go on)", min=1))
-    save_every: int = field(default=1000, metadata=dict(doc="checkpoint every N steps (and at the end)", min=1))
+    num_workers: int = field(
+        default=2, metadata=dict(doc="data-loader worker processes per rank", min=0)
+    )
+    output_dir: str | None = field(
+        default=None, metadata=dict(doc="run folder (default runs/<config name>)")
+    )
+    stop_after: int | None = field(
+        default=None,
+        metadata=dict(
+            doc="end this invocation after N more steps with a checkpoint (the schedule still "
+            "spans the whole run; rerun to go on)",
+            min=1,
+        ),
+    )
+    save_every: int = field(
+        default=1000, metadata=dict(doc="checkpoint every N steps (and at the end)", min=1)
+    )
     keep_last: int = field(default=3, metadata=dict(doc="checkpoints kept", min=1))
     log_every: int = field(default=10, metadata=dict(doc="metrics.jsonl line every N steps", min=1))
-    nan_policy: str = field(default="stop", metadata=dict(doc="non-finite loss: stop, or skip the step", choices=("stop", "skip")))
+    nan_policy: str = field(
+        default="stop",
+        metadata=dict(doc="non-finite loss: stop, or skip the step", choices=("stop", "skip")),
+    )
     tensorboard: bool = field(default=True, metadata=dict(doc="write TensorBoard logs"))
-    grad_checkpointing: bool = field(default=False, metadata=dict(doc="recompute activations in backward (saves memory)"))
+    grad_checkpointing: bool = field(
+        default=False, metadata=dict(doc="recompute activations in backward (saves memory)")
+    )
     name: str = field(default="run", metadata=dict(doc="run name (set from the config file name)"))
 
     def to_dict(self) -> dict:
@@ -85,7 +153,9 @@ class EngineConfig:
         """Field checks, then the engine's cross-field checks; subclasses add their own."""
         for f in fields(self):
             _check_value(f, getattr(self, f.name))
-        check_batch_layout(self.batch_size, self.accum_steps, 1)  # the process count is checked at launch
+        check_batch_layout(
+            self.batch_size, self.accum_steps, 1
+        )  # the process count is checked at launch
         if self.max_steps is None and self.epochs <= 0:
             raise ConfigError("set epochs > 0 or max_steps")
         return self
@@ -93,138 +163,310 @@ class EngineConfig:
 
 @dataclass
 class PretrainConfig(EngineConfig):
-    """Every setting of a pre-training run. ``doc`` metadata is shown by ``tokenmorph pretrain --list-keys``."""
+    """Every setting of a pre-training run. ``doc`` metadata is shown by ``tokenmorph pretrain
+    --list-keys``."""
 
     # student
     model: str = field(default="small", metadata=dict(doc="student size", choices=SIZES))
     img_size: int = field(default=224, metadata=dict(doc="input side in pixels", min=8))
     patch_size: int = field(default=16, metadata=dict(doc="patch side in pixels", min=1))
-    depth: Optional[int] = field(default=None, metadata=dict(doc="override the size's depth", min=1))
-    drop_path: float = field(default=0.1, metadata=dict(doc="stochastic depth rate", min=0.0, max=1.0))
-    layer_scale_init: float = field(default=0.1, metadata=dict(doc="LayerScale init value", min=0.0))
+    depth: int | None = field(default=None, metadata=dict(doc="override the size's depth", min=1))
+    drop_path: float = field(
+        default=0.1, metadata=dict(doc="stochastic depth rate", min=0.0, max=1.0)
+    )
+    layer_scale_init: float = field(
+        default=0.1, metadata=dict(doc="LayerScale init value", min=0.0)
+    )
     # teacher
-    teacher: str = field(default="clip-vit-b16", metadata=dict(doc=" | ".join(TEACHER_NAMES), check=is_teacher_name))
-    # settings written for one teacher (teacher_setting): reset when an override changes the teacher
-    teacher_weights: Optional[str] = field(default=None, metadata=dict(
-        doc="teacher weights file (safetensors or torch)", teacher_setting=True))
-    teacher_random_init: bool = field(default=False, metadata=dict(doc="random teacher weights (tests, benchmarks)"))
-    teacher_input_size: Optional[int] = field(default=None, metadata=dict(
-        doc="side the teacher sees (default: its own)", min=8, teacher_setting=True))
-    teacher_normalization: str = field(default="default", metadata=dict(
-        doc="teacher input normalisation: its own, or the release's ImageNet one for CLIP", choices=("default", "imagenet"),
-        teacher_setting=True))
-    teacher_kwargs: dict = field(default_factory=dict, metadata=dict(
-        doc="extra teacher arguments (JSON object); teacher_* keys reset when an override changes teacher",
-        teacher_setting=True))
-    # framework and objective (method.md 2)
-    framework: str = field(default="beit", metadata=dict(
-        doc="beit: the student sees all tokens (mask token, block masks); mae: encoder on visible tokens + decoder",
-        choices=tuple(FRAMEWORKS)))
-    objective: str = field(default="mask", metadata=dict(
-        doc="input degradation: masking, or a Beyond Masking objective (zoom_in_mask = the best practice)",
-        choices=tuple(DEGRADATIONS)))
-    loss: str = field(default="auto", metadata=dict(doc="auto: mse for teacher=pixels, dtm otherwise",
-                                                    choices=("auto", "dtm", "mse")))
-    pixel_norm: str = field(default="per_channel", metadata=dict(
-        doc="teacher=pixels: per-patch normalisation per channel (Beyond Masking) or joint (MAE's norm_pix_loss)",
-        choices=PIXEL_NORMS))
-    mask_ratio: float = field(default=0.75, metadata=dict(doc="framework=mae: fraction of tokens removed per sample",
-                                                          min=0.0, max=0.99))
-    decoder: str = field(default="release", metadata=dict(doc="framework=mae decoder preset: release 4 x 384, mae 8 x 512",
-                                                          choices=tuple(DECODER_PRESETS)))
-    decoder_depth: Optional[int] = field(default=None, metadata=dict(doc="decoder blocks (default: the preset's)", min=1))
-    decoder_dim: Optional[int] = field(default=None, metadata=dict(doc="decoder width (default: the preset's)", min=8))
-    zoom_ring_patches: Optional[int] = field(default=None, metadata=dict(
-        doc="zoom-in border ring in patches (default img_size / 7 rounded: 2 at 224/16, the 288 view)", min=1))
-    zoom_out_content: Optional[int] = field(default=None, metadata=dict(
-        doc="zoom-out content side in pixels (default 5/7 of img_size: 160 at 224)", min=1))
-    ring_loss_weight: float = field(default=0.2, metadata=dict(
-        doc="zoom_in_mask with pixels: weight of the border-ring MSE (the masked tokens get 1 - it)", min=0.0, max=1.0))
+    teacher: str = field(
+        default="clip-vit-b16", metadata=dict(doc=" | ".join(TEACHER_NAMES), check=is_teacher_name)
+    )
+    # settings written for one teacher (teacher_setting): reset when an override changes the
+    # teacher
+    teacher_weights: str | None = field(
+        default=None,
+        metadata=dict(doc="teacher weights file (safetensors or torch)", teacher_setting=True),
+    )
+    teacher_random_init: bool = field(
+        default=False, metadata=dict(doc="random teacher weights (tests, benchmarks)")
+    )
+    teacher_input_size: int | None = field(
+        default=None,
+        metadata=dict(doc="side the teacher sees (default: its own)", min=8, teacher_setting=True),
+    )
+    teacher_normalization: str = field(
+        default="default",
+        metadata=dict(
+            doc="teacher input normalisation: its own, or the release's ImageNet one for CLIP",
+            choices=("default", "imagenet"),
+            teacher_setting=True,
+        ),
+    )
+    teacher_kwargs: dict = field(
+        default_factory=dict,
+        metadata=dict(
+            doc="extra teacher arguments (JSON object); teacher_* keys reset when an override "
+            "changes teacher",
+            teacher_setting=True,
+        ),
+    )
+    # framework and objective (docs/method.md 2)
+    framework: str = field(
+        default="beit",
+        metadata=dict(
+            doc="beit: the student sees all tokens (mask token, block masks); mae: encoder on "
+            "visible tokens + decoder",
+            choices=tuple(FRAMEWORKS),
+        ),
+    )
+    objective: str = field(
+        default="mask",
+        metadata=dict(
+            doc="input degradation: masking, or a Beyond Masking objective (zoom_in_mask = the "
+            "best practice)",
+            choices=tuple(DEGRADATIONS),
+        ),
+    )
+    loss: str = field(
+        default="auto",
+        metadata=dict(
+            doc="auto: mse for teacher=pixels, dtm otherwise", choices=("auto", "dtm", "mse")
+        ),
+    )
+    pixel_norm: str = field(
+        default="per_channel",
+        metadata=dict(
+            doc="teacher=pixels: per-patch normalisation per channel (Beyond Masking) or joint "
+            "(MAE's norm_pix_loss)",
+            choices=PIXEL_NORMS,
+        ),
+    )
+    mask_ratio: float = field(
+        default=0.75,
+        metadata=dict(
+            doc="framework=mae: fraction of tokens removed per sample", min=0.0, max=0.99
+        ),
+    )
+    decoder: str = field(
+        default="release",
+        metadata=dict(
+            doc="framework=mae decoder preset: release 4 x 384, mae 8 x 512",
+            choices=tuple(DECODER_PRESETS),
+        ),
+    )
+    decoder_depth: int | None = field(
+        default=None, metadata=dict(doc="decoder blocks (default: the preset's)", min=1)
+    )
+    decoder_dim: int | None = field(
+        default=None, metadata=dict(doc="decoder width (default: the preset's)", min=8)
+    )
+    zoom_ring_patches: int | None = field(
+        default=None,
+        metadata=dict(
+            doc="zoom-in border ring in patches (default img_size / 7 rounded: 2 at 224/16, the "
+            "288 view)",
+            min=1,
+        ),
+    )
+    zoom_out_content: int | None = field(
+        default=None,
+        metadata=dict(
+            doc="zoom-out content side in pixels (default 5/7 of img_size: 160 at 224)", min=1
+        ),
+    )
+    ring_loss_weight: float = field(
+        default=0.2,
+        metadata=dict(
+            doc="zoom_in_mask with pixels: weight of the border-ring MSE (the masked tokens get "
+            "1 - it)",
+            min=0.0,
+            max=1.0,
+        ),
+    )
     # data
-    data: str = field(default="fashion-mnist", metadata=dict(doc="folder of images (flat or class tree) or fashion-mnist"))
-    crop_scale_min: float = field(default=0.08, metadata=dict(doc="RandomResizedCrop smallest scale", min=0.0, max=1.0))
-    color_jitter: float = field(default=0.4, metadata=dict(doc="ColorJitter strength (0 = off)", min=0.0))
+    data: str = field(
+        default="fashion-mnist",
+        metadata=dict(doc="folder of images (flat or class tree) or fashion-mnist"),
+    )
+    crop_scale_min: float = field(
+        default=0.08, metadata=dict(doc="RandomResizedCrop smallest scale", min=0.0, max=1.0)
+    )
+    color_jitter: float = field(
+        default=0.4, metadata=dict(doc="ColorJitter strength (0 = off)", min=0.0)
+    )
     hflip: bool = field(default=True, metadata=dict(doc="random horizontal flip"))
-    on_bad_image: str = field(default="skip", metadata=dict(doc="undecodable file: skip and count, or stop", choices=("skip", "raise")))
+    on_bad_image: str = field(
+        default="skip",
+        metadata=dict(doc="undecodable file: skip and count, or stop", choices=("skip", "raise")),
+    )
     # masking
-    num_masked: int = field(default=75, metadata=dict(doc="masked patches per image (block-wise)", min=0))
-    min_mask_block: int = field(default=16, metadata=dict(doc="smallest masking block, in patches", min=1))
+    num_masked: int = field(
+        default=75, metadata=dict(doc="masked patches per image (block-wise)", min=0)
+    )
+    min_mask_block: int = field(
+        default=16, metadata=dict(doc="smallest masking block, in patches", min=1)
+    )
     # DTM
     num_levels: int = field(default=2, metadata=dict(doc="morphing schedules per step (L)", min=1))
-    n_max: Optional[int] = field(default=None, metadata=dict(doc="largest num_merge (default: all patches)", min=0))
-    k_max: int = field(default=14, metadata=dict(doc="largest number of matching iterations", min=1))
-    scheduler: str = field(default="release", metadata=dict(doc="dynamic scheduler", choices=SCHEDULERS))
-    morph_mode: str = field(default="reference", metadata=dict(doc="matching semantics", choices=MODES))
-    distance: str = field(default="smooth_l1", metadata=dict(doc="per-token distance", choices=tuple(DISTANCES)))
+    n_max: int | None = field(
+        default=None, metadata=dict(doc="largest num_merge (default: all patches)", min=0)
+    )
+    k_max: int = field(
+        default=14, metadata=dict(doc="largest number of matching iterations", min=1)
+    )
+    scheduler: str = field(
+        default="release", metadata=dict(doc="dynamic scheduler", choices=SCHEDULERS)
+    )
+    morph_mode: str = field(
+        default="reference", metadata=dict(doc="matching semantics", choices=MODES)
+    )
+    distance: str = field(
+        default="smooth_l1", metadata=dict(doc="per-token distance", choices=tuple(DISTANCES))
+    )
     beta: float = field(default=2.0, metadata=dict(doc="smooth-L1 beta", min=0.0))
-    normalize_target: bool = field(default=False, metadata=dict(doc="standardise aggregated targets per token"))
-    loss_on: str = field(default="all", metadata=dict(doc="tokens in the loss", choices=("all", "masked")))
-    per_group: bool = field(default=False, metadata=dict(doc="one loss term per group instead of per token"))
-    def validate(self) -> "PretrainConfig":
+    normalize_target: bool = field(
+        default=False, metadata=dict(doc="standardise aggregated targets per token")
+    )
+    loss_on: str = field(
+        default="all", metadata=dict(doc="tokens in the loss", choices=("all", "masked"))
+    )
+    per_group: bool = field(
+        default=False, metadata=dict(doc="one loss term per group instead of per token")
+    )
+
+    def validate(self) -> PretrainConfig:
         super().validate()
         if self.img_size % self.patch_size:
-            raise ConfigError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
+            raise ConfigError(
+                f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}"
+            )
         n = (self.img_size // self.patch_size) ** 2
         if self.framework == "beit" and self.num_masked > n:
-            raise ConfigError(f"num_masked={self.num_masked} exceeds the {n} patches of a {self.img_size}px image "
-                              f"with patch_size={self.patch_size}")
+            raise ConfigError(
+                f"num_masked={self.num_masked} exceeds the {n} patches of a {self.img_size}px "
+                "image "
+                f"with patch_size={self.patch_size}"
+            )
         if self.n_max is not None and self.n_max > n:
             raise ConfigError(f"n_max={self.n_max} exceeds the {n} patches per image")
         masked_objective = masks_input(self)
-        if self.loss_on == "masked" and (not masked_objective or self.framework == "beit" and self.num_masked == 0):
-            raise ConfigError(f"loss_on=masked needs a masked input: objective={self.objective} with framework="
-                              f"{self.framework} masks nothing (use objective=mask or zoom_in_mask, num_masked > 0)")
+        if self.loss_on == "masked" and (
+            not masked_objective or self.framework == "beit" and self.num_masked == 0
+        ):
+            raise ConfigError(
+                f"loss_on=masked needs a masked input: objective={self.objective} with framework="
+                f"{self.framework} masks nothing (use objective=mask or zoom_in_mask, num_masked > "
+                "0)"
+            )
         if self.loss_on == "masked" and self.objective == "zoom_in_mask":
-            raise ConfigError("loss_on=masked does not apply to objective=zoom_in_mask: the masked tokens are input-frame "
-                              "tokens and the student predicts the whole zoom-in view; use loss_on=all")
+            raise ConfigError(
+                "loss_on=masked does not apply to objective=zoom_in_mask: the masked tokens are "
+                "input-frame tokens and the student predicts the whole zoom-in view; use "
+                "loss_on=all"
+            )
         if self.objective == "zoom_out":
             content = self.zoom_out_content or default_zoom_out_content(self.img_size)
             if not self.img_size / 2 < content < self.img_size:
-                raise ConfigError(f"zoom_out_content={content} must lie between half of img_size={self.img_size} and "
-                                  f"img_size (mirror padding reflects the content once)")
+                raise ConfigError(
+                    f"zoom_out_content={content} must lie between half of img_size={self.img_size} "
+                    "and "
+                    f"img_size (mirror padding reflects the content once)"
+                )
         return self
 
 
 @dataclass
 class FinetuneConfig(EngineConfig):
-    """Every setting of a fine-tuning run (method.md 1.6's protocol on timm's pieces)."""
+    """Every setting of a fine-tuning run (docs/method.md 1.6's protocol on timm's pieces)."""
 
     # backbone
-    checkpoint: Optional[str] = field(default=None, metadata=dict(
-        doc="pre-trained backbone: a tokenmorph checkpoint or run folder (None = random init of model)"))
-    model: str = field(default="small", metadata=dict(doc="size when training from scratch", choices=SIZES))
-    img_size: Optional[int] = field(default=None, metadata=dict(doc="input side (default: the checkpoint's)", min=8))
-    patch_size: int = field(default=16, metadata=dict(doc="patch side when training from scratch", min=1))
-    drop_path: float = field(default=0.1, metadata=dict(doc="stochastic depth rate", min=0.0, max=1.0))
-    layer_decay: float = field(default=0.6, metadata=dict(doc="layer-wise lr decay (timm param groups)", min=0.0, max=1.0))
-    global_pool: str = field(default="avg", metadata=dict(doc="mean-pooled patch tokens + fc_norm, or the CLS token",
-                                                          choices=("avg", "token")))
-    rel_pos_init: str = field(default="per_block", metadata=dict(
-        doc="per_block: every block gets its own relative position bias, initialised from the shared one",
-        choices=REL_POS))
+    checkpoint: str | None = field(
+        default=None,
+        metadata=dict(
+            doc="pre-trained backbone: a tokenmorph checkpoint or run folder (None = random init "
+            "of model)"
+        ),
+    )
+    model: str = field(
+        default="small", metadata=dict(doc="size when training from scratch", choices=SIZES)
+    )
+    img_size: int | None = field(
+        default=None, metadata=dict(doc="input side (default: the checkpoint's)", min=8)
+    )
+    patch_size: int = field(
+        default=16, metadata=dict(doc="patch side when training from scratch", min=1)
+    )
+    drop_path: float = field(
+        default=0.1, metadata=dict(doc="stochastic depth rate", min=0.0, max=1.0)
+    )
+    layer_decay: float = field(
+        default=0.6, metadata=dict(doc="layer-wise lr decay (timm param groups)", min=0.0, max=1.0)
+    )
+    global_pool: str = field(
+        default="avg",
+        metadata=dict(
+            doc="mean-pooled patch tokens + fc_norm, or the CLS token", choices=("avg", "token")
+        ),
+    )
+    rel_pos_init: str = field(
+        default="per_block",
+        metadata=dict(
+            doc="per_block: every block gets its own relative position bias, initialised from the "
+            "shared one",
+            choices=REL_POS,
+        ),
+    )
     # data and augmentation
-    data: str = field(default="fashion-mnist", metadata=dict(doc="training data: an ImageFolder tree, or fashion-mnist"))
-    val_data: Optional[str] = field(default=None, metadata=dict(doc="validation ImageFolder tree (fashion-mnist: its test split)"))
-    crop_pct: Optional[float] = field(default=None, metadata=dict(doc="eval centre-crop fraction (default 0.875; 1.0 below 64 px)",
-                                                                   min=0.1, max=1.0))
-    randaug: str = field(default="rand-m9-mstd0.5-inc1", metadata=dict(doc="timm RandAugment spec ('' = off)"))
+    data: str = field(
+        default="fashion-mnist",
+        metadata=dict(doc="training data: an ImageFolder tree, or fashion-mnist"),
+    )
+    val_data: str | None = field(
+        default=None,
+        metadata=dict(doc="validation ImageFolder tree (fashion-mnist: its test split)"),
+    )
+    crop_pct: float | None = field(
+        default=None,
+        metadata=dict(
+            doc="eval centre-crop fraction (default 0.875; 1.0 below 64 px)", min=0.1, max=1.0
+        ),
+    )
+    randaug: str = field(
+        default="rand-m9-mstd0.5-inc1", metadata=dict(doc="timm RandAugment spec ('' = off)")
+    )
     mixup: float = field(default=0.8, metadata=dict(doc="Mixup alpha (0 = off)", min=0.0))
     cutmix: float = field(default=1.0, metadata=dict(doc="CutMix alpha (0 = off)", min=0.0))
     smoothing: float = field(default=0.1, metadata=dict(doc="label smoothing", min=0.0, max=1.0))
-    reprob: float = field(default=0.25, metadata=dict(doc="random-erasing probability", min=0.0, max=1.0))
-    eval_batch_size: int = field(default=256, metadata=dict(doc="batch of the final evaluation", min=1))
-    # the paper's fine-tuning optimiser (AdamW, lr 5e-4, wd 0.05), overriding the pre-training defaults
-    lr: float = field(default=5e-4, metadata=dict(doc="base learning rate (scaled by lr_scaling)", min=0.0))
+    reprob: float = field(
+        default=0.25, metadata=dict(doc="random-erasing probability", min=0.0, max=1.0)
+    )
+    eval_batch_size: int = field(
+        default=256, metadata=dict(doc="batch of the final evaluation", min=1)
+    )
+    # the paper's fine-tuning optimiser (AdamW, lr 5e-4, wd 0.05), overriding the pre-training
+    # defaults
+    lr: float = field(
+        default=5e-4, metadata=dict(doc="base learning rate (scaled by lr_scaling)", min=0.0)
+    )
     beta2: float = field(default=0.999, metadata=dict(doc="AdamW beta2", min=0.0, max=1.0))
-    clip_grad: Optional[float] = field(default=None, metadata=dict(doc="gradient-norm clipping (None = off)", min=0.0))
-    epochs: float = field(default=100, metadata=dict(doc="training length in epochs (if max_steps is unset)", min=0.0))
-    min_lr: float = field(default=1e-6, metadata=dict(doc="final learning rate of the cosine", min=0.0))
+    clip_grad: float | None = field(
+        default=None, metadata=dict(doc="gradient-norm clipping (None = off)", min=0.0)
+    )
+    epochs: float = field(
+        default=100, metadata=dict(doc="training length in epochs (if max_steps is unset)", min=0.0)
+    )
+    min_lr: float = field(
+        default=1e-6, metadata=dict(doc="final learning rate of the cosine", min=0.0)
+    )
 
-    def validate(self) -> "FinetuneConfig":
+    def validate(self) -> FinetuneConfig:
         super().validate()
         if (self.mixup > 0 or self.cutmix > 0) and (self.batch_size // self.accum_steps) % 2:
-            raise ConfigError(f"Mixup/CutMix need an even micro-batch; batch_size={self.batch_size} / accum_steps="
-                              f"{self.accum_steps} is odd (or set mixup=0 cutmix=0)")
+            raise ConfigError(
+                f"Mixup/CutMix need an even micro-batch; batch_size={self.batch_size} / "
+                "accum_steps="
+                f"{self.accum_steps} is odd (or set mixup=0 cutmix=0)"
+            )
         return self
 
 
@@ -245,7 +487,7 @@ def describe_keys(kind: str) -> str:
 
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
-    if origin is Union:
+    if origin in _UNIONS:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return f"{_type_name(args[0])} or None"
     return getattr(tp, "__name__", str(tp))
@@ -254,7 +496,7 @@ def _type_name(tp) -> str:
 def _coerce(cls, f, value: Any) -> Any:
     """Convert a YAML value or a command-line string to the field's type, or raise ConfigError."""
     tp = typing.get_type_hints(cls)[f.name]
-    optional = typing.get_origin(tp) is Union and type(None) in typing.get_args(tp)
+    optional = typing.get_origin(tp) in _UNIONS and type(None) in typing.get_args(tp)
     base = [a for a in typing.get_args(tp) if a is not type(None)][0] if optional else tp
     if isinstance(value, str):
         text = value.strip()
@@ -318,7 +560,9 @@ def _field(cls, name: str):
     if name not in by_name:
         close = difflib.get_close_matches(name, list(by_name), n=3)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-        raise ConfigError(f"unknown config key {name!r}{hint}; see `tokenmorph {KINDS_BY_CLASS[cls]} --list-keys`")
+        raise ConfigError(
+            f"unknown config key {name!r}{hint}; see `tokenmorph {KINDS_BY_CLASS[cls]} --list-keys`"
+        )
     return by_name[name]
 
 
@@ -356,18 +600,19 @@ def config_names(kind: str = "pretrain") -> list[str]:
     return sorted(p.stem for p in _config_dir(kind).glob("*.yaml"))
 
 
-def load_config(name_or_path: str, overrides: Optional[dict] = None, kind: str = "pretrain"):
+def load_config(name_or_path: str, overrides: dict | None = None, kind: str = "pretrain"):
     """A shipped config by name, or a YAML file by path; then ``overrides``; then validation.
 
-    ``kind`` is "pretrain" (:class:`PretrainConfig`) or "finetune" (:class:`FinetuneConfig`). A config
-    file may name a ``base:`` config whose values it extends.
+    ``kind`` is "pretrain" (:class:`PretrainConfig`) or "finetune" (:class:`FinetuneConfig`). A
+    config file may name a ``base:`` config whose values it extends.
     """
     cfg = CONFIG_CLASSES[kind]()
     _load_into(cfg, name_or_path, kind, seen=set())
     file_teacher = getattr(cfg, "teacher", None)
     if overrides:
         apply(cfg, overrides, "command-line overrides")
-        # a config's teacher settings were written for its teacher: another teacher starts from the defaults
+        # a config's teacher settings were written for its teacher: another teacher starts from
+        # the defaults
         if getattr(cfg, "teacher", None) != file_teacher:
             defaults = type(cfg)()
             for f in fields(cfg):
@@ -381,8 +626,10 @@ def _load_into(cfg: EngineConfig, name_or_path: str, kind: str, seen: set) -> No
     if not (path.suffix in (".yaml", ".yml") and path.exists()):
         shipped = _config_dir(kind) / f"{name_or_path}.yaml"
         if not shipped.exists():
-            raise ConfigError(f"no {kind} config named {name_or_path!r}: give a YAML file path or one of "
-                              f"{', '.join(config_names(kind))}")
+            raise ConfigError(
+                f"no {kind} config named {name_or_path!r}: give a YAML file path or one of "
+                f"{', '.join(config_names(kind))}"
+            )
         path = shipped
     if path.resolve() in seen:
         raise ConfigError(f"config {path} includes itself through 'base:'")
@@ -401,6 +648,7 @@ def _load_into(cfg: EngineConfig, name_or_path: str, kind: str, seen: set) -> No
 
 
 def config_from_checkpoint(ckpt: dict) -> PretrainConfig:
-    """The pre-training config a checkpoint was written with (keys this version does not know are left out)."""
+    """The pre-training config a checkpoint was written with (keys this version does not know are
+    left out)."""
     known = {f.name for f in fields(PretrainConfig)}
     return PretrainConfig(**{k: v for k, v in ckpt.get("config", {}).items() if k in known})

@@ -1,25 +1,40 @@
-"""Fine-tuning a pre-trained backbone: the paper's protocol (method.md 1.6) built from timm's pieces.
+"""Fine-tuning a pre-trained backbone: the paper's protocol (docs/method.md 1.6) built from
+       timm's
+pieces.
 
-timm's BEiT with a classification head (mean-pooled patch tokens + a new ``fc_norm``, or the CLS token),
-each block's relative position bias initialised from the pre-trained shared one, layer-wise lr decay
-(``timm.optim.param_groups_layer_decay``), RandAugment + random erasing (``timm.data.create_transform``),
-Mixup / CutMix with label smoothing (``timm.data.Mixup``), drop path; the same engine as pre-training
-(bf16, torchrun, exact resume, metrics.jsonl, progress), then top-1 / top-5 on the validation split.
+timm's BEiT with a classification head (mean-pooled patch tokens + a new ``fc_norm``, or the CLS
+token), each block's relative position bias initialised from the pre-trained shared one,
+layer-wise lr decay (``timm.optim.param_groups_layer_decay``), RandAugment + random erasing
+(``timm.data.create_transform``), Mixup / CutMix with label smoothing (``timm.data.Mixup``), drop
+path; the same engine as pre-training (bf16, torchrun, exact resume, metrics.jsonl, progress),
+then top-1 / top-5 on the validation split.
 
-A checkpoint of the MAE framework (``student_arch["framework"] == "mae"``) is fine-tuned as in MAE: its
-encoder is timm's ``VisionTransformer`` already, so the model is timm's ViT with the same shape kwargs; the
-fixed sin-cos ``pos_embed`` of pre-training becomes a learnable weight (resampled to the grid when
-``img_size`` changes), ``global_pool="avg"`` again replaces ``norm`` by a new ``fc_norm``, and
-``rel_pos_init`` does not apply (a ViT has no relative position bias) and is ignored.
+A checkpoint of the MAE framework (``student_arch["framework"] == "mae"``) is fine-tuned as in
+MAE:
+its encoder is timm's ``VisionTransformer`` already, so the model is timm's ViT with the same
+shape kwargs; the fixed sin-cos ``pos_embed`` of pre-training becomes a learnable weight
+(resampled to the grid when ``img_size`` changes), ``global_pool="avg"`` again replaces ``norm``
+by a new ``fc_norm``, and ``rel_pos_init`` does not apply (a ViT has no relative position bias)
+and is ignored.
 """
+
 from __future__ import annotations
 
+__all__ = [
+    "shared_to_per_block",
+    "load_pretrained_student",
+    "finetune_arch",
+    "build_model",
+    "posterize",
+    "build_datasets",
+    "ClassificationStep",
+    "evaluate",
+    "finetune",
+]
 
-__all__ = ["shared_to_per_block", "load_pretrained_student", "finetune_arch", "build_model", "posterize", "build_datasets",
-           "ClassificationStep", "evaluate", "finetune"]
 
-
-# ------------------------------------------------------------------------------------------ model
+# ------------------------------------------------------------------------------------------
+# model
 def shared_to_per_block(state: dict, depth: int) -> dict:
     """Copy the shared relative position bias table into every block (BEiT's fine-tuning init)."""
     state = dict(state)
@@ -40,24 +55,33 @@ def load_pretrained_student(spec: str):
 
 
 def finetune_arch(cfg, student=None) -> dict:
-    """The encoder architecture fine-tuned: the student's, or ``cfg.model``'s shape (a BEiT) from scratch."""
+    """The encoder architecture fine-tuned: the student's, or ``cfg.model``'s shape (a BEiT) from
+    scratch."""
     from ..models.arch import STUDENT_SIZES
 
     if student is not None:
         return student.arch
     d, L, h = STUDENT_SIZES[cfg.model]
-    return dict(framework="beit", img_size=cfg.img_size or 224, patch_size=cfg.patch_size, embed_dim=d, depth=L,
-                num_heads=h, init_values=0.1)
+    return dict(
+        framework="beit",
+        img_size=cfg.img_size or 224,
+        patch_size=cfg.patch_size,
+        embed_dim=d,
+        depth=L,
+        num_heads=h,
+        init_values=0.1,
+    )
 
 
 def build_model(cfg, num_classes: int, student=None, source=None):
-    """(timm model, timm kwargs, report): ``student``'s encoder with a new head, or a randomly initialised
-    ``cfg.model`` when ``student`` is None. ``report`` lists the keys dropped from / added to the weights.
+    """(timm model, timm kwargs, report): ``student``'s encoder with a new head, or a randomly
+    initialised ``cfg.model`` when ``student`` is None. ``report`` lists the keys dropped from /
+    added to the weights.
 
-    The model is the timm class of the student's encoder (:mod:`tokenmorph.models.arch`): a Beit for a BEiT
-    student or a random init, with ``cfg.rel_pos_init``'s relative position bias; a VisionTransformer for an
-    MAE student, with a learnable ``pos_embed`` initialised from the pre-trained sin-cos one (``rel_pos_init``
-    does not apply)."""
+    The model is the timm class of the student's encoder (:mod:`tokenmorph.models.arch`): a Beit
+    for a BEiT student or a random init, with ``cfg.rel_pos_init``'s relative position bias; a
+    VisionTransformer for an MAE student, with a learnable ``pos_embed`` initialised from the
+    pre-trained sin-cos one (``rel_pos_init`` does not apply)."""
     import timm
 
     from ..errors import CheckpointError
@@ -65,35 +89,50 @@ def build_model(cfg, num_classes: int, student=None, source=None):
 
     arch = finetune_arch(cfg, student)
     img_size = cfg.img_size or arch["img_size"]
-    kwargs = timm_encoder_kwargs(arch, rel_pos=cfg.rel_pos_init, img_size=img_size, drop_path_rate=cfg.drop_path,
-                                 num_classes=num_classes, global_pool=cfg.global_pool)
+    kwargs = timm_encoder_kwargs(
+        arch,
+        rel_pos=cfg.rel_pos_init,
+        img_size=img_size,
+        drop_path_rate=cfg.drop_path,
+        num_classes=num_classes,
+        global_pool=cfg.global_pool,
+    )
     model = timm.create_model(timm_model_name(arch), pretrained=False, **kwargs)
     report = {}
     if student is not None:
         state = student.encoder.state_dict()
         if framework_of(arch) == "mae":
-            if img_size != arch["img_size"]:  # resample the position embedding to the new grid, as timm does
+            if (
+                img_size != arch["img_size"]
+            ):  # resample the position embedding to the new grid, as timm does
                 from timm.models.vision_transformer import checkpoint_filter_fn
 
                 state = checkpoint_filter_fn(state, model)
         else:
             if cfg.rel_pos_init == "per_block":
                 state = shared_to_per_block(state, arch["depth"])
-            if img_size != arch["img_size"]:  # resample the bias tables to the new grid, as timm does
+            if (
+                img_size != arch["img_size"]
+            ):  # resample the bias tables to the new grid, as timm does
                 from timm.models.beit import checkpoint_filter_fn
 
                 state = checkpoint_filter_fn(state, model)
         own = model.state_dict()
         dropped = sorted(k for k in state if k not in own)
-        missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        missing, unexpected = model.load_state_dict(
+            {k: v for k, v in state.items() if k in own}, strict=False
+        )
         if unexpected or any(not k.startswith(("head.", "fc_norm.")) for k in missing):
-            raise CheckpointError(f"pre-trained weights do not fit the fine-tuning model: missing "
-                                  f"{sorted(missing)[:6]}, unexpected {sorted(unexpected)[:6]}")
+            raise CheckpointError(
+                f"pre-trained weights do not fit the fine-tuning model: missing "
+                f"{sorted(missing)[:6]}, unexpected {sorted(unexpected)[:6]}"
+            )
         report = {"source": str(source), "dropped": dropped, "new": sorted(missing)}
     return model, kwargs, report
 
 
-# ------------------------------------------------------------------------------------------- data
+# -------------------------------------------------------------------------------------------
+# data
 def posterize(img, bits_to_keep, **__):
     """timm's posterize op, also for 0 bits: RandAugment's 'inc' posterize reaches 0 bits at high
     magnitudes, which Pillow < 13 turned into a black image and Pillow >= 13 rejects."""
@@ -114,8 +153,8 @@ def _use_compatible_posterize() -> None:
 
 
 def build_datasets(cfg, img_size: int, mean, std):
-    """(train, val, class names) with timm's training transform (RandAugment, random erasing) and eval
-    transform, grey images as 3 channels."""
+    """(train, val, class names) with timm's training transform (RandAugment, random erasing) and
+    eval transform, grey images as 3 channels."""
     import torchvision.transforms as T
     from timm.data import create_transform
 
@@ -123,23 +162,54 @@ def build_datasets(cfg, img_size: int, mean, std):
 
     _use_compatible_posterize()  # before the ops are built: each op keeps its function
     crop = cfg.crop_pct if cfg.crop_pct is not None else default_crop_pct(img_size)
-    train_tf = T.Compose([ToRGB(), create_transform(img_size, is_training=True, auto_augment=cfg.randaug or None,
-                                                    interpolation="bicubic", re_prob=cfg.reprob, re_mode="pixel",
-                                                    re_count=1, mean=tuple(mean), std=tuple(std))])
-    eval_tf = T.Compose([ToRGB(), create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=crop,
-                                                   mean=tuple(mean), std=tuple(std))])
+    train_tf = T.Compose(
+        [
+            ToRGB(),
+            create_transform(
+                img_size,
+                is_training=True,
+                auto_augment=cfg.randaug or None,
+                interpolation="bicubic",
+                re_prob=cfg.reprob,
+                re_mode="pixel",
+                re_count=1,
+                mean=tuple(mean),
+                std=tuple(std),
+            ),
+        ]
+    )
+    eval_tf = T.Compose(
+        [
+            ToRGB(),
+            create_transform(
+                img_size,
+                is_training=False,
+                interpolation="bicubic",
+                crop_pct=crop,
+                mean=tuple(mean),
+                std=tuple(std),
+            ),
+        ]
+    )
     train = build_dataset(cfg.data, train=True, transform=train_tf, labels="folders")
     if cfg.val_data is not None:
         val = build_dataset(cfg.val_data, train=False, transform=eval_tf, labels="folders")
     elif cfg.data.startswith("fashion-mnist"):
         val = build_dataset(cfg.data, train=False, transform=eval_tf)
     else:
-        raise DataError(f"no validation data for {cfg.data}: pass --val-data DIR (an ImageFolder tree)")
+        raise DataError(
+            f"no validation data for {cfg.data}: pass --val-data DIR (an ImageFolder tree)"
+        )
     classes = list(getattr(train, "classes", []) or [])
     if not classes:
-        raise DataError(f"{cfg.data} has no class labels: fine-tuning needs an ImageFolder tree (one sub-folder per class)")
+        raise DataError(
+            f"{cfg.data} has no class labels: fine-tuning needs an ImageFolder tree (one "
+            "sub-folder per class)"
+        )
     if list(getattr(val, "classes", []) or []) != classes:
-        raise DataError(f"the validation classes of {cfg.val_data or cfg.data} differ from the training classes")
+        raise DataError(
+            f"the validation classes of {cfg.val_data or cfg.data} differ from the training classes"
+        )
     return train, val, classes
 
 
@@ -153,8 +223,12 @@ class ClassificationStep:
 
         self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
-                               num_classes=num_classes)
+            self.mixup = Mixup(
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                label_smoothing=cfg.smoothing,
+                num_classes=num_classes,
+            )
             self.criterion = SoftTargetCrossEntropy()
         elif cfg.smoothing > 0:
             self.criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
@@ -179,7 +253,9 @@ def evaluate(model, dataset, batch_size: int, device, autocast_dtype, num_worker
     from ..data import collate_skip
     from ..runtime.precision import autocast
 
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip
+    )
     model.eval()
     correct1 = correct5 = total = 0
     with torch.inference_mode():
@@ -193,7 +269,11 @@ def evaluate(model, dataset, batch_size: int, device, autocast_dtype, num_worker
             correct1 += int((top5[:, 0] == labels).sum())
             correct5 += int((top5 == labels[:, None]).any(dim=1).sum())
             total += labels.numel()
-    return {"val_top1": correct1 / max(total, 1), "val_top5": correct5 / max(total, 1), "val_images": total}
+    return {
+        "val_top1": correct1 / max(total, 1),
+        "val_top5": correct5 / max(total, 1),
+        "val_images": total,
+    }
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -211,7 +291,9 @@ def finetune(cfg, dist_info=None):
 
     cfg.validate()
     dist_info = dist_info or init_distributed(cfg.device)
-    check_batch_layout(cfg.batch_size, cfg.accum_steps, dist_info.world_size)  # before any data or model is built
+    check_batch_layout(
+        cfg.batch_size, cfg.accum_steps, dist_info.world_size
+    )  # before any data or model is built
     seed_all(mix_seed(cfg.seed, 0xF17E))  # the new head's init is part of the run's identity
     student, source = load_pretrained_student(cfg.checkpoint) if cfg.checkpoint else (None, None)
     if student is not None:  # the backbone's own input conventions
@@ -223,23 +305,59 @@ def finetune(cfg, dist_info=None):
     train_set, val_set, classes = build_datasets(cfg, img_size, mean, std)
     model, kwargs, report = build_model(cfg, len(classes), student, source)
     model = model.to(dist_info.device)
-    groups = param_groups_layer_decay(model, cfg.weight_decay, no_weight_decay_list=model.no_weight_decay(),
-                                      layer_decay=cfg.layer_decay)
-    compat = {"timm_kwargs": {k: v for k, v in kwargs.items() if k != "drop_path_rate"}, "classes": classes}
-    engine = Engine(cfg, model, ClassificationStep(cfg, len(classes)), KeyedDataset(train_set, cfg.seed),
-                    run_dir_for(cfg), dist_info, kind="finetune", compat=compat, param_groups=groups,
-                    extra_state={"timm_model": timm_model_name(finetune_arch(cfg, student)), "timm_kwargs": kwargs,
-                                 "classes": classes,
-                                 "data_stats": {"mean": list(mean), "std": list(std)}})
+    groups = param_groups_layer_decay(
+        model,
+        cfg.weight_decay,
+        no_weight_decay_list=model.no_weight_decay(),
+        layer_decay=cfg.layer_decay,
+    )
+    compat = {
+        "timm_kwargs": {k: v for k, v in kwargs.items() if k != "drop_path_rate"},
+        "classes": classes,
+    }
+    engine = Engine(
+        cfg,
+        model,
+        ClassificationStep(cfg, len(classes)),
+        KeyedDataset(train_set, cfg.seed),
+        run_dir_for(cfg),
+        dist_info,
+        kind="finetune",
+        compat=compat,
+        param_groups=groups,
+        extra_state={
+            "timm_model": timm_model_name(finetune_arch(cfg, student)),
+            "timm_kwargs": kwargs,
+            "classes": classes,
+            "data_stats": {"mean": list(mean), "std": list(std)},
+        },
+    )
     if dist_info.is_main and report.get("source"):
-        print(f"[tokenmorph] backbone {report['source']}: new keys {report['new']}; pre-trained keys not used "
-              f"{report['dropped']}", flush=True)
-    describe = (f"fine-tune {cfg.name}, {len(classes)} classes, {len(train_set)} train / {len(val_set)} val images, "
-                f"{engine.total_steps} steps of {cfg.batch_size}, lr {engine.lr:.3g}, layer decay {cfg.layer_decay}, "
-                f"output {engine.run_dir}")
+        print(
+            f"[tokenmorph] backbone {report['source']}: new keys {report['new']}; pre-trained keys "
+            "not used "
+            f"{report['dropped']}",
+            flush=True,
+        )
+    describe = (
+        f"fine-tune {cfg.name}, {len(classes)} classes, {len(train_set)} train / {len(val_set)} "
+        "val images, "
+        f"{engine.total_steps} steps of {cfg.batch_size}, lr {engine.lr:.3g}, layer decay "
+        f"{cfg.layer_decay}, "
+        f"output {engine.run_dir}"
+    )
 
     def final_evaluation(summary: dict) -> dict:
-        return {**evaluate(model, val_set, cfg.eval_batch_size, dist_info.device, engine.autocast_dtype,
-                           cfg.num_workers), "classes": len(classes)}
+        return {
+            **evaluate(
+                model,
+                val_set,
+                cfg.eval_batch_size,
+                dist_info.device,
+                engine.autocast_dtype,
+                cfg.num_workers,
+            ),
+            "classes": len(classes),
+        }
 
     return run_in_folder(engine, cfg, describe, finish=final_evaluation, plot=False)

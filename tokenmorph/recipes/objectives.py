@@ -1,20 +1,23 @@
-"""Training objectives: what one step computes from a batch. The engine (:mod:`tokenmorph.runtime.engine`)
-does the rest.
+"""Training objectives: what one step computes from a batch. The engine
+(:mod:`tokenmorph.runtime.engine`) does the rest.
 
 An objective is called as ``objective(model, batch, step) -> (loss, logs)`` and provides
-``sample(rng)``, the per-sample extras (mask, degradation parameters) drawn in the data loader from the
-sample's seeded generator.
+``sample(rng)``, the per-sample extras (mask, degradation parameters) drawn in the data loader
+from the sample's seeded generator.
 
 One class covers every combination of
 
-* framework (``beit``: the student sees every token, masked ones replaced by a mask token, block masks;
-  ``mae``: the encoder sees the visible tokens only, per-sample random masks of ``mask_ratio``),
+* framework (``beit``: the student sees every token, masked ones replaced by a mask token, block
+  masks; ``mae``: the encoder sees the visible tokens only, per-sample random masks of
+  ``mask_ratio``),
 * objective (``mask`` or a Beyond Masking degradation, :mod:`tokenmorph.ops.degrade`),
 * target (a teacher's tokens with the DTM loss, or normalised pixels with MSE).
 
-The teacher always sees the *clean* image of the frame the student predicts (for zoom-in: the whole
-view), so DTM combines with every degradation; DTM + zoom-in is a combination no published system has.
+The teacher always sees the *clean* image of the frame the student predicts (for zoom-in: the
+whole view), so DTM combines with every degradation; DTM + zoom-in is a combination no published
+system has.
 """
+
 from __future__ import annotations
 
 import random
@@ -28,8 +31,14 @@ from ..ops.masking import BlockMasking, num_random_masked
 from ..ops.morph import effective_schedule
 from ..runtime.seeding import mix_seed
 
-__all__ = ["PretrainObjective", "resolve_loss", "zoom_ring_patches", "num_random_masked", "build_objective_degradation",
-           "view_side"]
+__all__ = [
+    "PretrainObjective",
+    "resolve_loss",
+    "zoom_ring_patches",
+    "num_random_masked",
+    "build_objective_degradation",
+    "view_side",
+]
 
 
 def resolve_loss(cfg) -> str:
@@ -40,8 +49,9 @@ def resolve_loss(cfg) -> str:
 
 
 def zoom_ring_patches(cfg) -> int:
-    """Zoom-in border width in patches: ``zoom_ring_patches`` or S / 7 pixels rounded to patches (2 at
-    224 / 16: the 288 view of method.md 2), at least one."""
+    """Zoom-in border width in patches: ``zoom_ring_patches`` or S / 7 pixels rounded to patches
+           (2
+    at 224 / 16: the 288 view of docs/method.md 2), at least one."""
     if cfg.zoom_ring_patches is not None:
         return cfg.zoom_ring_patches
     return max(1, round(cfg.img_size / 7 / cfg.patch_size))
@@ -49,8 +59,13 @@ def zoom_ring_patches(cfg) -> int:
 
 def build_objective_degradation(cfg):
     """The :class:`~tokenmorph.ops.degrade.Degradation` of a config's objective."""
-    return build_degradation(cfg.objective, cfg.img_size, cfg.patch_size, ring_patches=zoom_ring_patches(cfg),
-                             content=cfg.zoom_out_content)
+    return build_degradation(
+        cfg.objective,
+        cfg.img_size,
+        cfg.patch_size,
+        ring_patches=zoom_ring_patches(cfg),
+        content=cfg.zoom_out_content,
+    )
 
 
 def view_side(cfg) -> int:
@@ -62,7 +77,8 @@ class PretrainObjective:
     """One pre-training step for a framework, objective and target (see the module docstring).
 
     Args:
-        teacher: a :class:`tokenmorph.models.teachers.Teacher` (frozen; ``pixels`` for pixel targets).
+        teacher: a :class:`tokenmorph.models.teachers.Teacher` (frozen; ``pixels`` for pixel
+        targets).
         grid: the student's patch grid (h, w); the output grid has the same shape.
         cfg: the run config (framework, objective, masking, loss and DTM keys, seed).
     """
@@ -78,8 +94,11 @@ class PretrainObjective:
         self.block_masking = self.num_random = None
         if self.degradation.masked:
             if cfg.framework == "beit":
-                self.block_masking = BlockMasking(self.grid, cfg.num_masked,
-                                                  min_num_patches=min(cfg.min_mask_block, max(cfg.num_masked, 1)))
+                self.block_masking = BlockMasking(
+                    self.grid,
+                    cfg.num_masked,
+                    min_num_patches=min(cfg.min_mask_block, max(cfg.num_masked, 1)),
+                )
             else:
                 self.num_random = num_random_masked(n, cfg.mask_ratio)
         self.criterion = None
@@ -91,13 +110,22 @@ class PretrainObjective:
         else:
             self._loss = self._mse_loss
         if self.loss_kind == "dtm":
-            self.criterion = DTMLoss(num_levels=cfg.num_levels, n_max=cfg.n_max, k_max=cfg.k_max, scheduler=cfg.scheduler,
-                                     mode=cfg.morph_mode, distance=cfg.distance, beta=cfg.beta,
-                                     normalize_target=cfg.normalize_target, per_group=cfg.per_group,
-                                     masked_only=cfg.loss_on == "masked")
+            self.criterion = DTMLoss(
+                num_levels=cfg.num_levels,
+                n_max=cfg.n_max,
+                k_max=cfg.k_max,
+                scheduler=cfg.scheduler,
+                mode=cfg.morph_mode,
+                distance=cfg.distance,
+                beta=cfg.beta,
+                normalize_target=cfg.normalize_target,
+                per_group=cfg.per_group,
+                masked_only=cfg.loss_on == "masked",
+            )
 
     def sample(self, rng: np.random.Generator) -> dict:
-        """Per-sample extras: ``mask`` (N,) bool when the input is masked, and degradation parameters."""
+        """Per-sample extras: ``mask`` (N,) bool when the input is masked, and degradation
+        parameters."""
         out = {}
         n = self.grid[0] * self.grid[1]
         if self.block_masking is not None:
@@ -114,24 +142,33 @@ class PretrainObjective:
         return self.loss(model(d.inputs, mask), d, mask, step)
 
     def degrade(self, batch: dict, step: int):
-        """(:class:`~tokenmorph.ops.degrade.Degraded`, (B, N) bool mask or None) of a batch at ``step``."""
+        """(:class:`~tokenmorph.ops.degrade.Degraded`, (B, N) bool mask or None) of a batch at
+        ``step``."""
         extra = dict(batch["extra"] or {})
         mask = extra.pop("mask", None)
         mask = mask.bool() if mask is not None else None
-        # per-step parameters: one draw for the global batch, identical on every rank and on resume
-        params = {**extra, **self.degradation.step_params(np.random.default_rng(mix_seed(self.seed, step, 0xDE6)))}
+        # per-step parameters: one draw for the global batch, identical on every rank and on
+        # resume
+        params = {
+            **extra,
+            **self.degradation.step_params(np.random.default_rng(mix_seed(self.seed, step, 0xDE6))),
+        }
         return self.degradation.apply(batch["images"], params), mask
 
     def loss(self, pred, d, mask, step: int):
-        """(loss, logs) of the student's prediction (B, N, target_dim) for :meth:`degrade`'s output."""
-        # the mask marks input-frame tokens; a misaligned output frame has no masked tokens of its own
+        """(loss, logs) of the student's prediction (B, N, target_dim) for :meth:`degrade`'s
+        output."""
+        # the mask marks input-frame tokens; a misaligned output frame has no masked tokens of
+        # its own
         out_mask = mask if self.degradation.aligned else None
         return self._loss(pred, d, mask, out_mask, step)
 
     def _dtm_loss(self, pred, d, mask, out_mask, step: int):
         target = self.teacher(d.target, self.grid)
         # one schedule draw per step for the whole batch, identical on every rank
-        loss = self.criterion(pred, target, out_mask, rng=random.Random(mix_seed(self.seed, step, 0xD7)))
+        loss = self.criterion(
+            pred, target, out_mask, rng=random.Random(mix_seed(self.seed, step, 0xD7))
+        )
         n = pred.shape[1]
         protect = self.criterion.mode == "reference"
         groups = [n - sum(effective_schedule(n, s, protect)) for s in self.criterion.last_schedules]
@@ -140,9 +177,11 @@ class PretrainObjective:
     def _zoom_in_mask_loss(self, pred, d, mask, out_mask, step: int):
         g = self.grid[0]
         view_target = self.teacher(d.view, (g + 2 * self.ring,) * 2)
-        return zoom_in_mask_loss(pred, view_target, mask, self.patch_size, g, self.ring, self.ring_weight)
+        return zoom_in_mask_loss(
+            pred, view_target, mask, self.patch_size, g, self.ring, self.ring_weight
+        )
 
     def _mse_loss(self, pred, d, mask, out_mask, step: int):
-        # MAE: the masked tokens when the input is masked; every token for the other degradations (and for
-        # zoom_in_mask with teacher tokens: the teacher's tokens of the whole view)
+        # MAE: the masked tokens when the input is masked; every token for the other degradations
+        # (and for zoom_in_mask with teacher tokens: the teacher's tokens of the whole view)
         return patch_mse(pred, self.teacher(d.target, self.grid), out_mask), {}

@@ -1,7 +1,6 @@
 """Pre-training: build data, teacher, student and objective from a config, then run the engine."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -18,64 +17,119 @@ from .objectives import PretrainObjective, resolve_loss, view_side
 
 __all__ = ["COMPAT_KEYS", "decoder_shape", "build_student_and_teacher", "pretrain"]
 
-# Settings a checkpoint must share with the run that resumes it (the rest may change, e.g. max_steps).
+# Settings a checkpoint must share with the run that resumes it (the rest may change, e.g.
+# max_steps).
 COMPAT_KEYS = ("model", "img_size", "patch_size", "depth", "teacher", "framework", "objective")
 
 
 def decoder_shape(cfg: PretrainConfig) -> dict:
-    """framework=mae: decoder depth and width from the preset, with ``decoder_depth`` / ``decoder_dim`` on top."""
+    """framework=mae: decoder depth and width from the preset, with ``decoder_depth`` /
+    ``decoder_dim`` on top."""
     depth, dim = DECODER_PRESETS[cfg.decoder]
     return dict(decoder_depth=cfg.decoder_depth or depth, decoder_dim=cfg.decoder_dim or dim)
 
 
 def build_student_and_teacher(cfg: PretrainConfig, device: torch.device, mean=None, std=None):
-    """(student, teacher) on ``device``; ``mean``/``std`` normalise the student's input (data set stats)."""
+    """(student, teacher) on ``device``; ``mean``/``std`` normalise the student's input (data set
+    stats)."""
     if mean is None or std is None:
         mean, std = dataset_stats(cfg.data)
-    # random inits (the student, a random teacher) are part of a run's identity: rebuilt identically on resume
+    # random inits (the student, a random teacher) are part of a run's identity: rebuilt
+    # identically on resume
     seed_all(mix_seed(cfg.seed, 0xB11D))
     amp_dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16
     kwargs = dict(cfg.teacher_kwargs)
-    # pixel targets use the student's patch; a timm teacher keeps its own unless teacher_kwargs sets one
+    # pixel targets use the student's patch; a timm teacher keeps its own unless teacher_kwargs
+    # sets one
     patch_size = kwargs.pop("patch_size", cfg.patch_size if cfg.teacher == "pixels" else None)
     if cfg.teacher == "pixels":
         kwargs.setdefault("norm", cfg.pixel_norm)
-    teacher = build_teacher(cfg.teacher, weights=cfg.teacher_weights, random_init=cfg.teacher_random_init,
-                            input_size=cfg.teacher_input_size, normalization=cfg.teacher_normalization,
-                            amp=cfg.precision != "fp32", amp_dtype=amp_dtype, patch_size=patch_size,
-                            device=device, **kwargs)
+    teacher = build_teacher(
+        cfg.teacher,
+        weights=cfg.teacher_weights,
+        random_init=cfg.teacher_random_init,
+        input_size=cfg.teacher_input_size,
+        normalization=cfg.teacher_normalization,
+        amp=cfg.precision != "fp32",
+        amp_dtype=amp_dtype,
+        patch_size=patch_size,
+        device=device,
+        **kwargs,
+    )
     if cfg.framework == "mae":
-        student = create_mae_student(cfg.model, target_dim=teacher.dim, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                                     drop_path_rate=cfg.drop_path, mean=mean, std=std, depth=cfg.depth,
-                                     **decoder_shape(cfg)).to(device)
+        student = create_mae_student(
+            cfg.model,
+            target_dim=teacher.dim,
+            img_size=cfg.img_size,
+            patch_size=cfg.patch_size,
+            drop_path_rate=cfg.drop_path,
+            mean=mean,
+            std=std,
+            depth=cfg.depth,
+            **decoder_shape(cfg),
+        ).to(device)
     else:
-        student = create_student(cfg.model, target_dim=teacher.dim, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                                 drop_path_rate=cfg.drop_path, init_values=cfg.layer_scale_init, mean=mean, std=std,
-                                 depth=cfg.depth).to(device)
+        student = create_student(
+            cfg.model,
+            target_dim=teacher.dim,
+            img_size=cfg.img_size,
+            patch_size=cfg.patch_size,
+            drop_path_rate=cfg.drop_path,
+            init_values=cfg.layer_scale_init,
+            mean=mean,
+            std=std,
+            depth=cfg.depth,
+        ).to(device)
     student.grad_checkpointing = cfg.grad_checkpointing
     return student, teacher
 
 
-def pretrain(cfg: PretrainConfig, dist_info: Optional[DistInfo] = None) -> dict:
+def pretrain(cfg: PretrainConfig, dist_info: DistInfo | None = None) -> dict:
     """Run (or resume) pre-training as configured; returns the summary (also in summary.json)."""
     cfg.validate()
     dist_info = dist_info or init_distributed(cfg.device)
-    check_batch_layout(cfg.batch_size, cfg.accum_steps, dist_info.world_size)  # before any data or model is built
-    # the loader crops the objective's view (the input side, or the larger zoom-in view); data before models
-    dataset = build_dataset(cfg.data, train=True, on_error=cfg.on_bad_image,
-                            transform=pretrain_transform(view_side(cfg), (cfg.crop_scale_min, 1.0), cfg.color_jitter,
-                                                         cfg.hflip))
+    check_batch_layout(
+        cfg.batch_size, cfg.accum_steps, dist_info.world_size
+    )  # before any data or model is built
+    # the loader crops the objective's view (the input side, or the larger zoom-in view); data
+    # before models
+    dataset = build_dataset(
+        cfg.data,
+        train=True,
+        on_error=cfg.on_bad_image,
+        transform=pretrain_transform(
+            view_side(cfg), (cfg.crop_scale_min, 1.0), cfg.color_jitter, cfg.hflip
+        ),
+    )
     mean, std = dataset_stats(cfg.data)
     student, teacher = build_student_and_teacher(cfg, dist_info.device, mean, std)
     objective = PretrainObjective(teacher, student.grid, cfg)
-    record = StudentRecord(cfg.framework, cfg.model, student.arch, teacher.dim, cfg.teacher, tuple(mean), tuple(std))
-    compat = {k: getattr(cfg, k) for k in COMPAT_KEYS} | {"target_dim": teacher.dim, "loss": resolve_loss(cfg)}
-    engine = Engine(cfg, student, objective, KeyedDataset(dataset, cfg.seed, extra_fn=objective.sample),
-                    run_dir_for(cfg), dist_info, kind="pretrain", compat=compat, extra_state=record.checkpoint_entries())
+    record = StudentRecord(
+        cfg.framework, cfg.model, student.arch, teacher.dim, cfg.teacher, tuple(mean), tuple(std)
+    )
+    compat = {k: getattr(cfg, k) for k in COMPAT_KEYS} | {
+        "target_dim": teacher.dim,
+        "loss": resolve_loss(cfg),
+    }
+    engine = Engine(
+        cfg,
+        student,
+        objective,
+        KeyedDataset(dataset, cfg.seed, extra_fn=objective.sample),
+        run_dir_for(cfg),
+        dist_info,
+        kind="pretrain",
+        compat=compat,
+        extra_state=record.checkpoint_entries(),
+    )
     n_params = sum(p.numel() for p in student.parameters())
     what = f"{cfg.framework} framework, objective {cfg.objective}, {resolve_loss(cfg)} loss"
-    describe = (f"{cfg.name} ({what}), student {cfg.model} ({n_params / 1e6:.1f} M params, grid {student.grid[0]}x"
-                f"{student.grid[1]}), teacher {cfg.teacher} ({teacher.dim}-d), {len(dataset)} images, "
-                f"{engine.total_steps} steps of {cfg.batch_size}, lr {engine.lr:.3g}, {dist_info.world_size} process(es) "
-                f"on {dist_info.device}, output {engine.run_dir}")
+    describe = (
+        f"{cfg.name} ({what}), student {cfg.model} ({n_params / 1e6:.1f} M params, grid "
+        f"{student.grid[0]}x"
+        f"{student.grid[1]}), teacher {cfg.teacher} ({teacher.dim}-d), {len(dataset)} images, "
+        f"{engine.total_steps} steps of {cfg.batch_size}, lr {engine.lr:.3g}, "
+        f"{dist_info.world_size} process(es) "
+        f"on {dist_info.device}, output {engine.run_dir}"
+    )
     return run_in_folder(engine, cfg, describe)

@@ -1,4 +1,5 @@
 """Processes: joining torchrun's process group, the device of each rank, collective sums."""
+
 from __future__ import annotations
 
 import os
@@ -9,12 +10,20 @@ import torch.distributed as dist
 
 from ..errors import ConfigError
 
-__all__ = ["DistInfo", "resolve_device", "init_distributed", "shutdown_distributed", "all_reduce", "env_rank"]
+__all__ = [
+    "DistInfo",
+    "resolve_device",
+    "init_distributed",
+    "shutdown_distributed",
+    "all_reduce",
+    "env_rank",
+]
 
 
 @dataclass(frozen=True)
 class DistInfo:
-    """This process's place: ``rank`` of ``world_size``, ``local_rank`` on its node, its ``device``."""
+    """This process's place: ``rank`` of ``world_size``, ``local_rank`` on its node, its
+    ``device``."""
 
     rank: int
     world_size: int
@@ -31,7 +40,8 @@ class DistInfo:
 
 
 def env_rank() -> int:
-    """This process's rank as the launcher set it (0 without one); readable before any process group."""
+    """This process's rank as the launcher set it (0 without one); readable before any process
+    group."""
     return int(os.environ.get("RANK", "0"))
 
 
@@ -61,13 +71,15 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
 
 
 def shutdown_distributed() -> None:
-    """Leave the process group (a gloo process that exits without it can abort at interpreter exit)."""
+    """Leave the process group (a gloo process that exits without it can abort at interpreter
+    exit)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def all_reduce(info: DistInfo, value: float, op: str = "sum") -> float:
-    """``value`` summed (``op="sum"``) or maximised (``"max"``) over the ranks; itself in one process."""
+    """``value`` summed (``op="sum"``) or maximised (``"max"``) over the ranks; itself in one
+    process."""
     if not info.distributed:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=info.device)

@@ -1,10 +1,11 @@
-"""A run folder from start to finish, the same for every kind of run: resume from its newest checkpoint,
-record the config, announce, train, write ``summary.json`` (and the loss curve)."""
+"""A run folder from start to finish, the same for every kind of run: resume from its newest
+checkpoint, record the config, announce, train, write ``summary.json`` (and the loss curve)."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import yaml
 
@@ -16,12 +17,14 @@ def run_dir_for(cfg) -> Path:
     return Path(cfg.output_dir) if cfg.output_dir else Path("runs") / cfg.name
 
 
-def run_in_folder(engine, cfg, describe: str, finish: Optional[Callable[[dict], dict]] = None,
-                  plot: bool = True) -> Optional[dict]:
-    """Resume ``engine`` from its run folder, write ``config.yaml``, print ``[tokenmorph] starting|resuming
-    ...: <describe>``, train, then (main process) add ``finish(summary)``'s entries, write ``summary.json``
-    and, with ``plot``, ``loss_curve.png``. Returns the summary (None on the other processes when ``finish``
-    is given: its work, e.g. a final evaluation, runs on the main process only)."""
+def run_in_folder(
+    engine, cfg, describe: str, finish: Callable[[dict], dict] | None = None, plot: bool = True
+) -> dict | None:
+    """Resume ``engine`` from its run folder, write ``config.yaml``, print ``[tokenmorph]
+    starting|resuming ...: <describe>``, train, then (main process) add ``finish(summary)``'s
+    entries, write ``summary.json`` and, with ``plot``, ``loss_curve.png``. Returns the summary
+    (None on the other processes when ``finish`` is given: its work, e.g. a final evaluation,
+    runs on the main process only)."""
     run_dir = engine.run_dir
     resumed = engine.resume()
     is_main = engine.dist.is_main

@@ -1,19 +1,22 @@
-"""What a run reports while it trains: ``metrics.jsonl`` (one JSON object every ``log_every`` steps),
-TensorBoard scalars, and a progress bar with loss, lr, img/s and ETA. Only the main process writes."""
+"""What a run reports while it trains: ``metrics.jsonl`` (one JSON object every ``log_every``
+steps), TensorBoard scalars, and a progress bar with loss, lr, img/s and ETA. Only the main
+process writes."""
+
 from __future__ import annotations
 
 import json
 import math
 import time
 from pathlib import Path
-from typing import Optional
 
 __all__ = ["RunLogger", "finite_record", "truncate_metrics"]
 
 
 def finite_record(record: dict) -> dict:
     """JSON has no NaN: write None for non-finite numbers."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
+    }
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -31,17 +34,31 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 class RunLogger:
-    """Collects each step's numbers and writes a record every ``log_every`` steps (and at the last step).
+    """Collects each step's numbers and writes a record every ``log_every`` steps (and at the
+       last
+    step).
 
-    A record holds the window's mean loss (over its finite steps), the step's lr, weight decay and gradient
-    norm, img/s over the window, the run's counters, the objective's own logs (window means) and the time
-    since this invocation started.
+    A record holds the window's mean loss (over its finite steps), the step's lr, weight decay
+    and gradient norm, img/s over the window, the run's counters, the objective's own logs
+    (window means) and the time since this invocation started.
     """
 
-    def __init__(self, run_dir: Path, is_main: bool, total_steps: int, steps_per_epoch: int, log_every: int,
-                 tensorboard: bool, desc: str) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        is_main: bool,
+        total_steps: int,
+        steps_per_epoch: int,
+        log_every: int,
+        tensorboard: bool,
+        desc: str,
+    ) -> None:
         self.run_dir, self.is_main = Path(run_dir), is_main
-        self.total_steps, self.steps_per_epoch, self.log_every = total_steps, steps_per_epoch, log_every
+        self.total_steps, self.steps_per_epoch, self.log_every = (
+            total_steps,
+            steps_per_epoch,
+            log_every,
+        )
         self.tensorboard, self.desc = tensorboard, desc
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.writer = self.bar = None
@@ -51,7 +68,7 @@ class RunLogger:
         if self.is_main:
             print(f"[tokenmorph] {text}", flush=True)
 
-    def open(self, start_step: int) -> "RunLogger":
+    def open(self, start_step: int) -> RunLogger:
         from tqdm.auto import tqdm
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -63,9 +80,17 @@ class RunLogger:
 
                 self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step)
             except ImportError:
-                self.message("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
-        self.bar = tqdm(total=self.total_steps, initial=start_step, disable=not self.is_main, dynamic_ncols=True,
-                        unit="step", desc=self.desc)
+                self.message(
+                    "tensorboard is not installed: no TensorBoard logs (pip install tensorboard)"
+                )
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=start_step,
+            disable=not self.is_main,
+            dynamic_ncols=True,
+            unit="step",
+            desc=self.desc,
+        )
         self.t_start = self.t_window = time.perf_counter()
         self._reset_window()
         return self
@@ -78,10 +103,19 @@ class RunLogger:
         for k, v in logs.items():
             self.logs[k] = self.logs.get(k, 0.0) + float(v) * weight
 
-    def step(self, step: int, loss: Optional[float], images: int, lr: float, weight_decay: float, grad_norm: float,
-             counters: dict) -> None:
-        """Account one finished optimiser step (``loss=None``: a skipped, non-finite step); write a record
-        when the step is a multiple of ``log_every`` or the last."""
+    def step(
+        self,
+        step: int,
+        loss: float | None,
+        images: int,
+        lr: float,
+        weight_decay: float,
+        grad_norm: float,
+        counters: dict,
+    ) -> None:
+        """Account one finished optimiser step (``loss=None``: a skipped, non-finite step); write
+           a
+        record when the step is a multiple of ``log_every`` or the last."""
         self.n_images += images
         if loss is not None:
             self.loss_sum += loss
@@ -90,12 +124,26 @@ class RunLogger:
             now = time.perf_counter()
             rate = self.n_images / max(now - self.t_window, 1e-9)
             n = max(self.loss_count, 1)
-            record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4), "loss": self.loss_sum / n,
-                      "lr": lr, "weight_decay": weight_decay, "grad_norm": grad_norm, "img_per_s": rate, **counters,
-                      "time_s": now - self.t_start, **{k: v / n for k, v in self.logs.items()}}
+            record = {
+                "step": step,
+                "epoch": round(step / self.steps_per_epoch, 4),
+                "loss": self.loss_sum / n,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "grad_norm": grad_norm,
+                "img_per_s": rate,
+                **counters,
+                "time_s": now - self.t_start,
+                **{k: v / n for k, v in self.logs.items()},
+            }
             self._write(record)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}",
-                                 skipped=counters.get("skipped_images", 0), refresh=False)
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                lr=f"{lr:.2e}",
+                img_s=f"{rate:.0f}",
+                skipped=counters.get("skipped_images", 0),
+                refresh=False,
+            )
             self.t_window = now
             self._reset_window()
         self.bar.update(1)

@@ -1,18 +1,21 @@
 """The data order of a run: which samples each rank loads at each step, and how each is seeded.
 
-Exact resume rests on two rules here (and a third in the engine: the training RNG is re-seeded from
-(seed, step, rank) at every step):
+Exact resume rests on two rules here (and a third in the engine: the training RNG is re-seeded
+from (seed, step, rank) at every step):
 
-* the data order is a pure function of (seed, epoch): a global permutation per epoch, cut into global
-  batches, each cut into accumulation micro-batches and then rank shards; the position is the step;
-* every sample's augmentation (and mask) is seeded by (seed, epoch, index), whichever worker loads it.
+* the data order is a pure function of (seed, epoch): a global permutation per epoch, cut into
+  global batches, each cut into accumulation micro-batches and then rank shards; the position is
+  the step;
+* every sample's augmentation (and mask) is seeded by (seed, epoch, index), whichever worker
+  loads it.
 
-So changing the number of processes keeps the same global batches, hence the same training where no
-per-rank randomness enters.
+So changing the number of processes keeps the same global batches, hence the same training where
+no per-rank randomness enters.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -22,25 +25,33 @@ from ..data import collate_skip
 from ..errors import ConfigError, DataError
 from .seeding import mix_seed, seed_all
 
-__all__ = ["check_batch_layout", "KeyedDataset", "collate_keyed", "batch_to_device", "StepBatchSampler"]
+__all__ = [
+    "check_batch_layout",
+    "KeyedDataset",
+    "collate_keyed",
+    "batch_to_device",
+    "StepBatchSampler",
+]
 
 
 def check_batch_layout(batch_size: int, accum_steps: int, world_size: int) -> None:
     """The global batch must split evenly into accumulation micro-batches and rank shards."""
     if batch_size % (accum_steps * world_size):
-        raise ConfigError(f"batch_size={batch_size} is not divisible by accum_steps x processes = "
-                          f"{accum_steps} x {world_size}; choose a multiple of {accum_steps * world_size}")
+        raise ConfigError(
+            f"batch_size={batch_size} is not divisible by accum_steps x processes = "
+            f"{accum_steps} x {world_size}; choose a multiple of {accum_steps * world_size}"
+        )
 
 
 class KeyedDataset(Dataset):
     """Wraps a dataset so that item ``(index, epoch)`` is reproducible wherever it is loaded.
 
-    Before loading, torch's, Python's and NumPy's RNGs are seeded from (seed, epoch, index); an optional
-    ``extra_fn(rng)`` (e.g. a mask generator) draws from a NumPy generator with the same seed.
-    Returns ``(image, label, extra)`` or None for a skipped (undecodable) sample.
+    Before loading, torch's, Python's and NumPy's RNGs are seeded from (seed, epoch, index); an
+    optional ``extra_fn(rng)`` (e.g. a mask generator) draws from a NumPy generator with the same
+    seed. Returns ``(image, label, extra)`` or None for a skipped (undecodable) sample.
     """
 
-    def __init__(self, dataset: Dataset, seed: int, extra_fn: Optional[Callable] = None) -> None:
+    def __init__(self, dataset: Dataset, seed: int, extra_fn: Callable | None = None) -> None:
         self.dataset, self.seed, self.extra_fn = dataset, seed, extra_fn
 
     def __len__(self) -> int:
@@ -60,11 +71,14 @@ class KeyedDataset(Dataset):
 
 def collate_keyed(batch: list) -> dict:
     """Stack the kept items of a :class:`KeyedDataset` batch; count the skipped ones. Returns
-    ``{"images": (B, 3, S, S), "labels": (B,), "extra": None | (B, ...) | {name: (B, ...)}, "skipped": int}``."""
+    ``{"images": (B, 3, S, S), "labels": (B,), "extra": None | (B, ...) | {name: (B, ...)},
+    "skipped": int}``."""
     images, labels, skipped = collate_skip([None if b is None else (b[0], b[1]) for b in batch])
     kept = [b for b in batch if b is not None]
     extra = None
-    if kept and isinstance(kept[0][2], dict):  # several per-sample tensors (a mask, degradation parameters)
+    if kept and isinstance(
+        kept[0][2], dict
+    ):  # several per-sample tensors (a mask, degradation parameters)
         extra = {k: torch.stack([torch.as_tensor(b[2][k]) for b in kept]) for k in kept[0][2]}
     elif kept and kept[0][2] is not None:
         extra = torch.stack([torch.as_tensor(b[2]) for b in kept])
@@ -84,22 +98,35 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
 
 
 class StepBatchSampler(Sampler):
-    """Yields this rank's micro-batches of ``(index, epoch)`` keys, from ``start_step`` to ``total_steps``.
+    """Yields this rank's micro-batches of ``(index, epoch)`` keys, from ``start_step`` to
+    ``total_steps``.
 
-    Epoch e uses permutation ``randperm(n, seed=mix(seed, e))`` cut into ``n // global_batch`` global
-    batches (the remainder is dropped); step s is batch ``s % steps_per_epoch`` of epoch
-    ``s // steps_per_epoch``. Each global batch is cut into ``accum_steps`` micro-batches, each micro-batch
-    into ``world_size`` equal shards. ``ConfigError`` for a batch that does not split so, ``DataError`` for a
-    data set smaller than one global batch.
+    Epoch e uses permutation ``randperm(n, seed=mix(seed, e))`` cut into ``n // global_batch``
+    global batches (the remainder is dropped); step s is batch ``s % steps_per_epoch`` of epoch
+    ``s // steps_per_epoch``. Each global batch is cut into ``accum_steps`` micro-batches, each
+    micro-batch into ``world_size`` equal shards. ``ConfigError`` for a batch that does not split
+    so, ``DataError`` for a data set smaller than one global batch.
     """
 
-    def __init__(self, num_samples: int, global_batch: int, accum_steps: int, rank: int, world_size: int,
-                 seed: int, start_step: int = 0, total_steps: int = 0) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch: int,
+        accum_steps: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        start_step: int = 0,
+        total_steps: int = 0,
+    ) -> None:
         check_batch_layout(global_batch, accum_steps, world_size)
         self.steps_per_epoch = num_samples // global_batch
         if self.steps_per_epoch == 0:
-            raise DataError(f"the data set has {num_samples} images, fewer than one global batch of {global_batch}; "
-                            f"lower batch_size or add data")
+            raise DataError(
+                f"the data set has {num_samples} images, fewer than one global batch of "
+                f"{global_batch}; "
+                f"lower batch_size or add data"
+            )
         self.n, self.global_batch, self.accum = num_samples, global_batch, accum_steps
         self.rank, self.world, self.seed = rank, world_size, seed
         self.start_step, self.total_steps = start_step, total_steps
@@ -107,7 +134,7 @@ class StepBatchSampler(Sampler):
         self.shard = self.micro // world_size
         self._perm_epoch, self._perm = None, None
 
-    def span(self, start_step: int, total_steps: int) -> "StepBatchSampler":
+    def span(self, start_step: int, total_steps: int) -> StepBatchSampler:
         """This sampler, set to yield steps ``start_step .. total_steps - 1``."""
         self.start_step, self.total_steps = start_step, total_steps
         return self
@@ -122,13 +149,18 @@ class StepBatchSampler(Sampler):
         return self._perm
 
     def keys_for_step(self, step: int) -> list[list[tuple[int, int]]]:
-        """This rank's micro-batches of step ``step``: ``accum_steps`` lists of ``(index, epoch)``."""
+        """This rank's micro-batches of step ``step``: ``accum_steps`` lists of ``(index,
+        epoch)``."""
         epoch, b = divmod(step, self.steps_per_epoch)
-        batch = self._permutation(epoch)[b * self.global_batch : (b + 1) * self.global_batch].tolist()
+        batch = self._permutation(epoch)[
+            b * self.global_batch : (b + 1) * self.global_batch
+        ].tolist()
         out = []
         for a in range(self.accum):
             micro = batch[a * self.micro : (a + 1) * self.micro]
-            out.append([(i, epoch) for i in micro[self.rank * self.shard : (self.rank + 1) * self.shard]])
+            out.append(
+                [(i, epoch) for i in micro[self.rank * self.shard : (self.rank + 1) * self.shard]]
+            )
         return out
 
     def __iter__(self):

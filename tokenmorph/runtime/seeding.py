@@ -1,4 +1,7 @@
-"""Seeds: one well-mixed seed from several integers, and seeding every RNG a step or a sample draws from."""
+"""Seeds: one well-mixed seed from several integers, and seeding every RNG a step or a sample
+       draws
+from."""
+
 from __future__ import annotations
 
 import random
@@ -10,8 +13,14 @@ __all__ = ["mix_seed", "seed_all"]
 
 
 def mix_seed(*values: int) -> int:
-    """A 63-bit seed from several integers (NumPy's SeedSequence: well mixed, platform independent)."""
-    return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(2, np.uint64)[0] >> 1)
+    """A 63-bit seed from several integers (NumPy's SeedSequence: well mixed, platform
+    independent)."""
+    return int(
+        np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(2, np.uint64)[
+            0
+        ]
+        >> 1
+    )
 
 
 def seed_all(seed: int) -> None:

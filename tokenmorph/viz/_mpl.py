@@ -1,4 +1,5 @@
 """matplotlib on the file-only Agg backend (no display needed), imported on first use."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,8 @@ __all__ = ["pyplot", "save_figure"]
 
 
 def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (no display needed); imported on first use."""
+    """matplotlib's pyplot on the file-only Agg backend (no display needed); imported on first
+    use."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,9 +1,10 @@
 """Training curves: the records of a run's metrics.jsonl, smoothing, and several runs overlaid."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -28,7 +29,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def smooth_ema(values: Sequence[float], weight: float) -> np.ndarray:
     """TensorBoard-style smoothing: exponential moving average ``s_t = w s_{t-1} + (1 - w) x_t``,
-    debiased by ``1 - w^t`` so the curve starts at the first value; ``weight=0`` returns the values."""
+    debiased by ``1 - w^t`` so the curve starts at the first value; ``weight=0`` returns the
+    values."""
     x = np.asarray(values, dtype=np.float64)
     if not 0 <= weight < 1:
         raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
@@ -39,12 +41,18 @@ def smooth_ema(values: Sequence[float], weight: float) -> np.ndarray:
     return out
 
 
-def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, keys: Sequence[str] = ("loss", "lr", "img_per_s"),
-              *, smooth: float = 0.0, labels: Sequence[str] | None = None) -> Path:
+def plot_runs(
+    run_dirs: Sequence[str | Path],
+    out: str | Path,
+    keys: Sequence[str] = ("loss", "lr", "img_per_s"),
+    *,
+    smooth: float = 0.0,
+    labels: Sequence[str] | None = None,
+) -> Path:
     """Training curves of one or more runs overlaid, one panel per metric key, against the step.
 
-    ``smooth``: EMA weight in [0, 1) (see :func:`smooth_ema`); the raw curve stays, faint, behind the
-    smoothed one. ``labels``: legend names (default: the run folders' names)."""
+    ``smooth``: EMA weight in [0, 1) (see :func:`smooth_ema`); the raw curve stays, faint, behind
+    the smoothed one. ``labels``: legend names (default: the run folders' names)."""
     plt = pyplot()
     names = list(labels) if labels is not None else [Path(d).name for d in run_dirs]
     runs = [(name, read_metrics(d)) for name, d in zip(names, run_dirs)]
@@ -56,8 +64,10 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, keys: Sequence[st
                 continue
             steps, values = zip(*pts)
             if smooth:
-                line, = ax.plot(steps, values, lw=0.8, alpha=0.3)
-                ax.plot(steps, smooth_ema(values, smooth), label=name, lw=1.4, color=line.get_color())
+                (line,) = ax.plot(steps, values, lw=0.8, alpha=0.3)
+                ax.plot(
+                    steps, smooth_ema(values, smooth), label=name, lw=1.4, color=line.get_color()
+                )
             else:
                 ax.plot(steps, values, label=name, lw=1.4)
         ax.set_xlabel("step")

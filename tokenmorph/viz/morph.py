@@ -1,12 +1,13 @@
 """Pictures of morphing: every patch group a colour, group borders outlined.
 
-Pure functions build (H, W, 3) arrays; :func:`save_morph_figure` lays out a grid of images x schedules
-with matplotlib (imported lazily, so the core library does not need it).
+Pure functions build (H, W, 3) arrays; :func:`save_morph_figure` lays out a grid of images x
+schedules with matplotlib (imported lazily, so the core library does not need it).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -27,7 +28,9 @@ def group_colors(num_groups: int, seed: int = 0) -> np.ndarray:
     return np.array([colorsys.hsv_to_rgb(h, s, v) for h, s, v in zip(hues, sats, vals)])
 
 
-def draw_groups(image: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int], alpha: float = 0.45) -> np.ndarray:
+def draw_groups(
+    image: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int], alpha: float = 0.45
+) -> np.ndarray:
     """Overlay a grouping on an image.
 
     Args:
@@ -37,9 +40,9 @@ def draw_groups(image: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int]
         alpha: weight of the group colour.
 
     Returns:
-        (H, W, 3) float array: image blended with group colours; where two neighbouring patches belong
-        to different groups, a dark border line is drawn. Singleton groups (size 1) keep the image's
-        own colour, so token-wise grouping shows the plain photo with the patch grid.
+        (H, W, 3) float array: image blended with group colours; where two neighbouring patches
+        belong to different groups, a dark border line is drawn. Singleton groups (size 1) keep
+        the image's own colour, so token-wise grouping shows the plain photo with the patch grid.
     """
     h, w = grid
     img = image.permute(1, 2, 0).numpy().astype(np.float64)
@@ -79,7 +82,9 @@ def save_morph_figure(
     """A grid figure: one row per image, one column per schedule; ``labels[i][j]`` is (N,)."""
     plt = pyplot()
     rows, cols = len(images), len(titles)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows + (0.5 if suptitle else 0)), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(2.6 * cols, 2.6 * rows + (0.5 if suptitle else 0)), squeeze=False
+    )
     for i in range(rows):
         for j in range(cols):
             ax = axes[i][j]
@@ -107,14 +112,15 @@ def morph_gallery(
     seed: int = 0,
     suptitle: str = "",
 ) -> Path:
-    """Morph the tokens of ``images`` with every schedule and draw the groups (one row per image, one
-    column per schedule, titled with the group count).
+    """Morph the tokens of ``images`` with every schedule and draw the groups (one row per image,
+    one column per schedule, titled with the group count).
 
     Args:
         images: (B, 3, H, W) in [0, 1]; H and W multiples of ``patch_size``.
         teacher: callable ``(images, grid) -> (B, grid[0] * grid[1], D)`` token features, e.g. a
-            :class:`tokenmorph.teachers.Teacher` or :func:`tokenmorph.models.teachers.build_feature_source`'s
-            result; the grouping is computed from these tokens, as DTM computes it from its targets.
+            :class:`tokenmorph.teachers.Teacher` or
+            :func:`tokenmorph.models.teachers.build_feature_source`'s result; the grouping is
+            computed from these tokens, as DTM computes it from its targets.
         schedules: one morphing schedule per column (``[0]`` is token-wise).
         mode: ``"reference"`` or ``"paper"`` (random split, seeded by ``seed``).
         row_names: one label per image (default: none).
@@ -133,7 +139,18 @@ def morph_gallery(
         m = bipartite_morph(tokens, s, mode=mode, generator=gen)
         labels.append(m.labels.cpu())
         rounds = sum(1 for r in effective_schedule(N, s, mode == "reference") if r)
-        titles.append(f"{N} groups (token-wise)" if m.num_groups == N else f"{m.num_groups} groups ({rounds} it.)")
+        titles.append(
+            f"{N} groups (token-wise)"
+            if m.num_groups == N
+            else f"{m.num_groups} groups ({rounds} it.)"
+        )
     per_image = [[lab[i] for lab in labels] for i in range(B)]
-    return save_morph_figure(list(images.cpu()), per_image, titles, list(row_names or [""] * B), grid, out,
-                             suptitle=suptitle)
+    return save_morph_figure(
+        list(images.cpu()),
+        per_image,
+        titles,
+        list(row_names or [""] * B),
+        grid,
+        out,
+        suptitle=suptitle,
+    )

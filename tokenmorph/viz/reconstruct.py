@@ -1,5 +1,7 @@
-"""The picture of ``tokenmorph viz reconstruct``: one row per image, input | prediction | prediction +
-visible | target."""
+"""The picture of ``tokenmorph viz reconstruct``: one row per image, input | prediction |
+   prediction
++ visible | target."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,11 +13,18 @@ __all__ = ["save_reconstruction_figure"]
 
 def save_reconstruction_figure(result: dict, out, title: str = "", dpi: int = 120) -> Path:
     """One row per image: input | prediction | prediction + visible | target."""
-    cols = [("input", "input"), ("prediction", "prediction"), ("pasted", "prediction + visible"), ("target", "target")]
+    cols = [
+        ("input", "input"),
+        ("prediction", "prediction"),
+        ("pasted", "prediction + visible"),
+        ("target", "target"),
+    ]
     cols = [(k, label) for k, label in cols if result[k] is not None]
     n = result["input"].shape[0]
     plt = pyplot()
-    fig, axes = plt.subplots(n, len(cols), figsize=(2.4 * len(cols), 2.4 * n + (0.4 if title else 0)), squeeze=False)
+    fig, axes = plt.subplots(
+        n, len(cols), figsize=(2.4 * len(cols), 2.4 * n + (0.4 if title else 0)), squeeze=False
+    )
     for i in range(n):
         for j, (k, label) in enumerate(cols):
             ax = axes[i][j]

@@ -1,0 +1,81 @@
+"""The registries are the single source of the config's choices, its validation and the help
+texts."""
+
+from dataclasses import fields
+
+import pytest
+
+from tokenmorph.commands import COMMANDS
+from tokenmorph.errors import ConfigError
+from tokenmorph.eval import PROTOCOLS
+from tokenmorph.models.arch import DECODER_PRESETS, FRAMEWORKS, REL_POS, STUDENT_SIZES
+from tokenmorph.models.teachers import TEACHER_NAMES, TEACHERS, describe_teachers
+from tokenmorph.ops.degrade import DEGRADATIONS, build_degradation
+from tokenmorph.ops.losses import DISTANCES, SCHEDULERS, token_distance
+from tokenmorph.ops.morph import MODES
+from tokenmorph.ops.patches import PIXEL_NORMS
+from tokenmorph.recipes.config import (
+    FinetuneConfig,
+    PretrainConfig,
+    describe_keys,
+    load_config,
+    masks_input,
+)
+from tokenmorph.runtime.optim import LR_SCALING
+from tokenmorph.runtime.precision import PRECISIONS
+
+
+def choices(cls, key):
+    return tuple({f.name: f for f in fields(cls)}[key].metadata["choices"])
+
+
+@pytest.mark.parametrize(
+    "key,registry",
+    [
+        ("objective", DEGRADATIONS),
+        ("distance", DISTANCES),
+        ("scheduler", SCHEDULERS),
+        ("morph_mode", MODES),
+        ("model", STUDENT_SIZES),
+        ("framework", FRAMEWORKS),
+        ("decoder", DECODER_PRESETS),
+        ("pixel_norm", PIXEL_NORMS),
+        ("precision", PRECISIONS),
+        ("lr_scaling", LR_SCALING),
+    ],
+)
+def test_pretrain_choices_are_the_registries(key, registry):
+    assert choices(PretrainConfig, key) == tuple(registry)
+
+
+def test_finetune_choices_are_the_registries():
+    assert choices(FinetuneConfig, "model") == tuple(STUDENT_SIZES)
+    assert choices(FinetuneConfig, "rel_pos_init") == REL_POS
+
+
+def test_every_registered_component_is_accepted_and_described():
+    keys = describe_keys("pretrain")
+    for name in DEGRADATIONS:
+        assert name in keys
+        cfg = load_config("smoke", {"objective": name, "framework": "mae", "teacher": "pixels"})
+        # which objectives mask their input comes from the degradation, not a list in the config
+        assert masks_input(cfg) == build_degradation(name, 32, 4).masked
+    for name in DISTANCES:
+        assert token_distance(*[__import__("torch").ones(2, 3)] * 2, distance=name).shape == (2,)
+    for name in TEACHERS:
+        assert name in describe_teachers()
+        assert load_config("smoke", {"teacher": name}).teacher == name
+    assert all(n.split(":")[0] in describe_teachers() for n in TEACHER_NAMES)
+    assert load_config("smoke", {"teacher": "timm:vit_small_patch16_224"}).teacher.startswith(
+        "timm:"
+    )
+    with pytest.raises(ConfigError, match="teacher='clip' is not one of: clip-vit-b16"):
+        load_config("smoke", {"teacher": "clip"})
+
+
+def test_every_evaluation_protocol_is_a_command():
+    registered = {name for group, name, _ in COMMANDS if group == "eval"}
+    assert registered == set(PROTOCOLS)
+    for group, name, module in COMMANDS:
+        if group == "eval":
+            assert module == f"eval_{name}"
