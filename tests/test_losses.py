@@ -189,8 +189,6 @@ def test_chunked_loss_is_the_mean_over_all_tokens_of_each_chunks_grouping():
     replaced by its group mean under its chunk's schedule, the distance is averaged over all B x
     N tokens of the batch per level, then over levels; the runs of a chunk need not be
     contiguous."""
-    from tokenmorph.losses import chunked_dtm_loss
-
     pred, target = _data(B=5, N=49, C=8, seed=11)
     chunks = [3, 3, 8, 8, 3]
     schedules = {3: [[6, 6], [0]], 8: [[20], [3, 3, 3]]}
@@ -205,10 +203,10 @@ def test_chunked_loss_is_the_mean_over_all_tokens_of_each_chunks_grouping():
             )
         per_level.append(_direct_distance(u, v, "smooth_l1", 2.0).mean())
     expected = torch.stack(per_level).mean()
-    got = chunked_dtm_loss(pred, target, chunks, schedules)
+    got = dtm_loss(pred, target, schedules, chunks=chunks)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     # one chunk is dtm_loss
     torch.testing.assert_close(
-        chunked_dtm_loss(pred, target, [0] * 5, {0: schedules[3]}),
+        dtm_loss(pred, target, {0: schedules[3]}, chunks=[0] * 5),
         dtm_loss(pred, target, schedules[3]),
     )

@@ -4,12 +4,14 @@ modules, in the release's key order (release-rules.md 2), with the release's
 ``relative_position_index`` written from its own rule."""
 
 import argparse
+import json
 
 import pytest
 import torch
 
 from tokenmorph.errors import CheckpointError
 from tokenmorph.hub.backbone import load_backbone
+from tokenmorph.hub.export import export_encoder
 from tokenmorph.hub.release_weights import load_dtm_release
 from tokenmorph.models import create_student
 from tokenmorph.models.layouts import dtm_release_to_student
@@ -159,6 +161,25 @@ def test_a_release_checkpoint_loads_strictly_and_computes_the_same(rel_pos, tmp_
     assert tuple(backbone.mean) == pytest.approx((0.485, 0.456, 0.406))
     with torch.no_grad():
         assert torch.equal(backbone.tokens(x), student.forward_features(x))
+    if rel_pos == "both":  # and export: a per-block timm Beit of the same function
+        import timm
+
+        weights, json_path = export_encoder(f"dtm-release:{path}", tmp_path / "enc.safetensors")
+        spec = json.loads(json_path.read_text())
+        model = timm.create_model(
+            spec["timm_model"],
+            pretrained=True,
+            pretrained_cfg_overlay=dict(file=str(weights)),
+            **spec["kwargs"],
+        ).eval()
+        mean, std = (
+            torch.tensor(spec["mean"]).view(1, 3, 1, 1),
+            torch.tensor(spec["std"]).view(1, 3, 1, 1),
+        )
+        with torch.no_grad():
+            torch.testing.assert_close(
+                model.forward_features((x - mean) / std), student.forward_features(x)
+            )
 
 
 def test_normalisation_follows_the_releases_arguments(tmp_path):

@@ -28,7 +28,6 @@ __all__ = [
     "SCHEDULERS",
     "token_distance",
     "dtm_loss",
-    "chunked_dtm_loss",
     "DTMLoss",
     "patch_mse",
     "zoom_in_mask_loss",
@@ -163,7 +162,7 @@ def _dtm_terms(
 def dtm_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
-    schedules: Sequence[Sequence[int] | Morph],
+    schedules,
     mode: str = "reference",
     distance: str = "smooth_l1",
     beta: float = 2.0,
@@ -171,6 +170,7 @@ def dtm_loss(
     mask: torch.Tensor | None = None,
     per_group: bool = False,
     generator: torch.Generator | None = None,
+    chunks: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """DTM loss averaged over levels.
 
@@ -178,7 +178,8 @@ def dtm_loss(
         pred: (B, N, C) student predictions (gradients flow here only).
         target: (B, N, C) teacher targets; the grouping is computed from them, without gradient.
         schedules: one entry per level: a list of merge counts, or a prebuilt :class:`Morph`.
-            A schedule of zeros (or ``[]``) is plain token-wise distillation.
+            A schedule of zeros (or ``[]``) is plain token-wise distillation. With ``chunks``: a
+            dict chunk -> its levels' schedules (the same number of levels for every chunk).
         mode: morphing mode, ``"reference"`` (release) or ``"paper"``.
         distance: "smooth_l1" (default, beta 2.0), "l1", "l2", "cosine".
         normalize_target: standardise each aggregated target over channels (the release's:
@@ -187,73 +188,38 @@ def dtm_loss(
         per_group: one term per group (each group weighs the same) instead of one per token.
             With ``mask``, only groups holding at least one masked token count.
         generator: random source of ``mode="paper"``.
+        chunks: optional B ints, the chunk of every sample (e.g. its position in the global
+            batch // the chunk size), each chunk grouped by its own schedules. Every level's term
+            is still the weighted mean over all the batch's tokens (the chunks' sums over the
+            sums of their weights). A run of consecutive samples of one chunk is one slice (no
+            gather); a micro-batch's samples come in global-batch order, so one slice per chunk.
 
     Returns:
         Scalar loss, float32 (computed in float32 even under autocast).
     """
-    return chunked_dtm_loss(
-        pred,
-        target,
-        [0] * pred.shape[0],
-        {0: schedules},
-        mode=mode,
-        distance=distance,
-        beta=beta,
-        normalize_target=normalize_target,
-        mask=mask,
-        per_group=per_group,
-        generator=generator,
-    )
-
-
-def chunked_dtm_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    chunks: Sequence[int],
-    chunk_schedules: dict,
-    mode: str = "reference",
-    distance: str = "smooth_l1",
-    beta: float = 2.0,
-    normalize_target: bool = False,
-    mask: torch.Tensor | None = None,
-    per_group: bool = False,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The DTM loss of a batch whose samples belong to chunks with schedules of their own.
-
-    Args:
-        pred, target, mask: as :func:`dtm_loss`, (B, N, C) and (B, N).
-        chunks: B ints, the chunk of every sample (e.g. its position in the global batch // the
-            chunk size).
-        chunk_schedules: chunk -> its L schedules (the same L for every chunk).
-        mode, distance, beta, normalize_target, per_group, generator: as :func:`dtm_loss`.
-
-    Every level's term is the weighted mean over all the batch's tokens (sums of the chunks'
-    numerators over sums of their weights), then the levels are averaged: with one chunk this is
-    :func:`dtm_loss`. A run of consecutive samples of one chunk is one slice (no gather); the
-    samples of a micro-batch come in global-batch order, so there is one slice per chunk.
-    """
-    levels = {len(s) for s in chunk_schedules.values()}
+    if chunks is None:
+        chunks, schedules = [0] * pred.shape[0], {0: schedules}
+    levels = {len(s) for s in schedules.values()}
     if len(levels) != 1:
         raise ValueError(f"every chunk needs the same number of levels, got {sorted(levels)}")
-    _check_inputs(pred, target, distance, mask, next(iter(chunk_schedules.values())))
+    _check_inputs(pred, target, distance, mask, next(iter(schedules.values())))
     if len(chunks) != pred.shape[0]:
         raise ValueError(
             f"chunks must hold one entry per sample ({pred.shape[0]}), got {len(chunks)}"
         )
-    runs = [(0, 0, next(iter(chunk_schedules.values())))] if len(chunks) == 0 else []
+    runs = [(0, 0, next(iter(schedules.values())))] if len(chunks) == 0 else []
     start = 0
     for i in range(1, len(chunks) + 1):
         if i == len(chunks) or chunks[i] != chunks[start]:
-            runs.append((start, i, chunk_schedules[chunks[start]]))
+            runs.append((start, i, schedules[chunks[start]]))
             start = i
     with torch.autocast(pred.device.type, enabled=False):
         totals = None
-        for a, b, schedules in runs:
+        for a, b, levels in runs:
             terms = _dtm_terms(
                 pred[a:b],
                 target[a:b],
-                schedules,
+                levels,
                 mode,
                 distance,
                 beta,
@@ -356,8 +322,8 @@ class DTMLoss(nn.Module):
 
         Without ``chunks``: one set of L schedules for the batch, drawn from ``rng`` (else the
         module's own RNG). With ``chunks`` (B ints, the chunk of every sample): each chunk draws
-        its own L schedules from ``rng(chunk)`` (``rng`` is then a callable chunk -> RNG) and
-        :func:`chunked_dtm_loss` combines them. ``last_schedules`` holds the schedules drawn, the
+        its own L schedules from ``rng(chunk)`` (``rng`` is then a callable chunk -> RNG), see
+        :func:`dtm_loss`. ``last_schedules`` holds the schedules drawn, the
         chunks' one after the other (``last_chunk_schedules``: chunk -> its schedules).
         """
         if chunks is not None:
@@ -367,10 +333,9 @@ class DTMLoss(nn.Module):
                 c: self.sample_schedules(pred.shape[1], rng(c)) for c in dict.fromkeys(chunks)
             }
             self.last_schedules = [s for ss in self.last_chunk_schedules.values() for s in ss]
-            return chunked_dtm_loss(
+            return dtm_loss(
                 pred,
                 target,
-                list(chunks),
                 self.last_chunk_schedules,
                 mode=self.mode,
                 distance=self.distance,
@@ -379,6 +344,7 @@ class DTMLoss(nn.Module):
                 mask=mask if self.masked_only else None,
                 per_group=self.per_group,
                 generator=self.generator,
+                chunks=list(chunks),
             )
         self.last_schedules = self.sample_schedules(pred.shape[1], rng)
         self.last_chunk_schedules = {0: self.last_schedules}
