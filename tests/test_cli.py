@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from .helpers import run_cli
 
@@ -133,3 +134,11 @@ def test_bench_pretrain_json_small():
     }
     assert r["model_flops_per_step"] > 0 and 0 < r["fraction_of_peak"] < 2
     assert r["baseline"]["images_per_second"] > 0 and r["speedup_vs_release"] > 0
+    # the release's work: fp32 on a CPU (its torch.cuda.amp.autocast does nothing there), fp16 on
+    # CUDA; fused teacher attention, explicit student attention with both position tables
+    from tokenmorph.bench.release import release_precision
+
+    assert r["baseline"]["precision"] == "fp32" and release_precision("cuda") == torch.float16
+    assert (
+        "fused teacher" in r["baseline"]["what"] and "per-block + shared" in r["baseline"]["what"]
+    )

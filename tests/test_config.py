@@ -60,6 +60,22 @@ def test_paper_recipes():
     )
 
 
+def test_dtm_recipes_choose_the_release_rows():
+    """docs/fidelity.md's DTM rows: what the paper and release recipes (and the defaults) pick."""
+    for name in ("vit-s16-in1k", "vit-b16-in1k", "vit-l16-in1k", "vit-b16-in1k-release", "smoke"):
+        c = load_config(name)
+        assert (c.rel_pos_bias, c.init, c.schedule_chunk, c.normalize_target) == (
+            "both",
+            "release",
+            128,
+            False,
+        )
+        assert c.color_jitter == 0.4 and c.scheduler == "release" and c.morph_mode == "reference"
+    ft = load_config("vit-b16-in1k", kind="finetune")
+    assert (ft.rel_pos_init, ft.layer_decay, ft.global_pool) == ("own_plus_shared", 0.6, "avg")
+    assert load_config("vit-b16-in1k").crop_scale_min == 0.08
+
+
 def test_overrides_are_typed():
     cfg = load_config(
         "smoke",

@@ -466,10 +466,12 @@ def test_class_folders_follow_image_folder_semantics(tmp_path):
 # ---------------------------------------------------------------------------------------
 # transforms
 def test_pretrain_transform_is_the_release_recipe_and_seeded_by_torch():
+    """DTM's order (ColorJitter on the whole image, flip, RandomResizedCrop); this test used to
+    expect the crop first. Without jitter, MAE's order (crop, flip)."""
     from torchvision import transforms as T
 
     t = pretrain_transform()
-    crop, flip, jitter = t.transforms[1:4]
+    jitter, flip, crop = t.transforms[1:4]
     assert (
         isinstance(crop, T.RandomResizedCrop)
         and crop.size == (224, 224)
@@ -486,7 +488,48 @@ def test_pretrain_transform_is_the_release_recipe_and_seeded_by_torch():
     assert [
         type(s).__name__ for s in pretrain_transform(color_jitter=0, hflip=False).transforms
     ] == ["ToRGB", "RandomResizedCrop", "ToTensor"]
+    assert [type(s).__name__ for s in pretrain_transform(color_jitter=0).transforms] == [
+        "ToRGB",
+        "RandomResizedCrop",
+        "RandomHorizontalFlip",
+        "ToTensor",
+    ]
 
+
+def test_pretrain_transform_jitters_the_whole_image_before_flip_and_crop():
+    """The same torch stream through the release's steps composed here in its order gives the
+    same tensor; cropping first (the former order) does not, since the contrast jitter blends
+    towards the mean grey of what it is given."""
+    from torchvision import transforms as T
+
+    image = Image.fromarray(photo("astronaut", (128, 128)))
+    release = T.Compose(
+        [
+            T.ColorJitter(0.4, 0.4, 0.4),
+            T.RandomHorizontalFlip(0.5),
+            T.RandomResizedCrop(48, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+        ]
+    )
+    crop_first = T.Compose(
+        [
+            T.RandomResizedCrop(48, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(0.5),
+            T.ColorJitter(0.4, 0.4, 0.4),
+            T.ToTensor(),
+        ]
+    )
+    ours = pretrain_transform(48)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        a = ours(image)
+        torch.manual_seed(seed)
+        assert torch.equal(a, release(image)), seed
+        torch.manual_seed(seed)
+        assert not torch.equal(a, crop_first(image)), seed
+
+
+def test_pretrain_transform_is_seeded_by_torch():
     image, small = Image.fromarray(photo("astronaut", (128, 128))), pretrain_transform(64)
     torch.manual_seed(0)
     a = small(image)

@@ -16,11 +16,12 @@ from tokenmorph.runtime.seeding import mix_seed
 
 def expected_global_batch(n, global_batch, seed, step):
     """The rule written out: permutation of epoch e seeded by mix_seed(seed, e, 0x5A3), cut in
-    order."""
+    order; every key carries its position in the global batch (what per-chunk draws use)."""
     per_epoch = n // global_batch
     epoch, b = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch, 0x5A3)))
-    return [(int(i), epoch) for i in perm[b * global_batch : (b + 1) * global_batch]]
+    batch = perm[b * global_batch : (b + 1) * global_batch]
+    return [(int(i), epoch, position) for position, i in enumerate(batch)]
 
 
 def test_sampler_shards_are_the_global_batch_in_order():
@@ -44,7 +45,7 @@ def test_sampler_resumes_at_the_step_it_is_given():
     assert len(StepBatchSampler(50, 8, 2, 0, 1, seed=1).span(7, 12)) == 5 * 2
     # every epoch is a permutation: 6 steps of 8 never repeat an image within epoch 0
     epoch0 = [k for mb in full[: 6 * 2] for k in mb]
-    assert len(set(epoch0)) == 48 and {e for _, e in epoch0} == {0}
+    assert len({i for i, _, _ in epoch0}) == 48 and {e for _, e, _ in epoch0} == {0}
 
 
 class Points(Dataset):
@@ -130,7 +131,7 @@ def test_accumulation_trains_the_same_weights(tmp_path):
 
 def test_a_micro_batch_without_images_is_skipped_and_counted(tmp_path):
     # step 0's global batch, its first micro-batch of 4: all four undecodable
-    first_micro = [i for i, _ in expected_global_batch(48, 8, 0, 0)[:4]]
+    first_micro = [i for i, _, _ in expected_global_batch(48, 8, 0, 0)[:4]]
     engine, model = make_engine(
         tmp_path, "bad", Points(bad=first_micro), accum_steps=2, max_steps=1
     )

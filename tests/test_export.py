@@ -33,10 +33,14 @@ STATS = dict(
 
 def write_checkpoint(path, size="tiny", kind="pretrain", step=3, stats=STATS, **arch):
     """A checkpoint in the engine's format (the fields export reads), from a freshly built
-       student;
-    returns (path, student)."""
+    student with random (non-zero) relative position tables, so that a wrong merge of a block's
+    own and the shared table shows; returns (path, student)."""
     torch.manual_seed(0)
     student = create_student(size, target_dim=16, drop_path_rate=0.0, **stats, **arch)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.normal_(0.0, 1.0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -147,6 +151,33 @@ def test_smoke_geometry_loads_strictly_with_same_features(smoke_ckpt, tmp_path, 
         pooled = model(x)
     expected = {"avg": tokens[:, 1:].mean(1), "token": tokens[:, 0], "": tokens}[pool]
     assert (pooled - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("rel_pos", ["both", "shared", "per_block"])
+def test_relative_position_layouts_export_the_same_function(rel_pos, tmp_path):
+    """A "both" student (the default) exports one table per block = its own + the shared one,
+    a per-block-only timm Beit computing the same function; "shared" keeps its one shared table
+    (as before the per-block tables existed) and "per_block" its own."""
+    ckpt, student = write_checkpoint(tmp_path / "ckpt.pt", rel_pos=rel_pos, **SMOKE_ARCH)
+    weights, json_path = export_encoder(ckpt, tmp_path / "enc.safetensors", global_pool="")
+    spec, saved = json.loads(json_path.read_text()), load_file(str(weights))
+    per_block = rel_pos != "shared"
+    assert spec["kwargs"]["use_rel_pos_bias"] == per_block
+    assert spec["kwargs"]["use_shared_rel_pos_bias"] == (not per_block)
+    enc = student.encoder
+    for i, blk in enumerate(enc.blocks):
+        key = f"blocks.{i}.attn.relative_position_bias_table"
+        if rel_pos == "both":
+            expected = (
+                blk.attn.relative_position_bias_table
+                + enc.rel_pos_bias.relative_position_bias_table
+            )
+            assert torch.equal(saved[key], expected)
+        assert (key in saved) == per_block
+    assert ("rel_pos_bias.relative_position_bias_table" in saved) == (not per_block)
+    model, calls = load_with_timm(json_path)
+    assert_strict_exact(model, calls, weights)
+    assert_same_features(model, student, spec)
 
 
 def test_export_carries_the_data_config(smoke_ckpt, tmp_path):

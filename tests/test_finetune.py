@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from tokenmorph.models import student_from_checkpoint
+from tokenmorph.models.layouts import per_block_tables
 from tokenmorph.recipes.config import load_config, parse_overrides
-from tokenmorph.recipes.finetune import build_model, posterize, shared_to_per_block
+from tokenmorph.recipes.finetune import build_model, finetune_no_weight_decay, posterize
 from tokenmorph.runtime.checkpoints import latest_checkpoint, load_checkpoint
 
 from .helpers import final_weights, read_metrics, run_cli
@@ -70,26 +71,98 @@ def test_finetune_end_to_end_and_exact_resume(pretrained, class_tree, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def randomise_tables(student, seed=0):
+    """Non-zero own and shared relative position tables (a fresh or briefly trained student has
+    them near zero, which would hide a wrong merge)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in student.encoder.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return student
+
+
 def test_finetune_model_starts_as_the_pretrained_encoder(pretrained):
-    """Per-block bias tables copied from the shared one: same features as the pre-trained
-    encoder."""
+    """The default (the release's documented --init_both_rpb): one table per block = its own +
+    the shared one, and the fine-tuning model computes the pre-trained encoder's function."""
     student = student_from_checkpoint(load_checkpoint(latest_checkpoint(pretrained))).eval()
+    assert student.arch["rel_pos"] == "both"
+    randomise_tables(student)
     cfg = load_config(
         "fashion-mnist-tiny", parse_overrides(["global_pool=token", "drop_path=0"]), kind="finetune"
     )
+    assert cfg.rel_pos_init == "own_plus_shared"
     model, kwargs, report = build_model(cfg, 3, student, "x")
     assert kwargs["use_rel_pos_bias"] and not kwargs["use_shared_rel_pos_bias"]
     assert report["new"] == ["head.bias", "head.weight"] and report["dropped"] == []
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(
-        model.eval().forward_features(x), student.encoder.forward_features(x)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.eval().forward_features(x), student.encoder.forward_features(x)
+        )
+    enc = student.encoder
+    shared = enc.rel_pos_bias.relative_position_bias_table
+    own = [b.attn.relative_position_bias_table for b in enc.blocks]
+    for i in range(2):
+        assert torch.equal(model.blocks[i].attn.relative_position_bias_table, own[i] + shared)
+
+
+def test_the_other_relative_position_starts(pretrained):
+    """shared_only (the release script's default, BEiT v2's), own_only, as_pretrained."""
+    student = randomise_tables(
+        student_from_checkpoint(load_checkpoint(latest_checkpoint(pretrained))).eval(), seed=1
     )
-    per_block = shared_to_per_block(student.encoder.state_dict(), 2)
-    assert "rel_pos_bias.relative_position_bias_table" not in per_block
-    assert torch.equal(
-        per_block["blocks.1.attn.relative_position_bias_table"],
-        student.encoder.rel_pos_bias.relative_position_bias_table,
+    state, enc = student.encoder.state_dict(), student.encoder
+    shared = enc.rel_pos_bias.relative_position_bias_table
+    key = "blocks.{}.attn.relative_position_bias_table"
+    shared_only, own_only = (
+        per_block_tables(state, 2, "shared_only"),
+        per_block_tables(state, 2, "own_only"),
     )
+    for i in range(2):
+        assert torch.equal(shared_only[key.format(i)], shared)
+        assert torch.equal(own_only[key.format(i)], enc.blocks[i].attn.relative_position_bias_table)
+    assert "rel_pos_bias.relative_position_bias_table" not in shared_only
+    for rule, expected in (("shared_only", shared_only), ("own_only", own_only)):
+        cfg = load_config("fashion-mnist-tiny", {"rel_pos_init": rule}, kind="finetune")
+        model, _, _ = build_model(cfg, 3, student, "x")
+        for i in range(2):
+            assert torch.equal(
+                model.blocks[i].attn.relative_position_bias_table, expected[key.format(i)]
+            )
+    cfg = load_config(
+        "fashion-mnist-tiny",
+        {"rel_pos_init": "as_pretrained", "global_pool": "token"},
+        kind="finetune",
+    )
+    model, kwargs, _ = build_model(cfg, 3, student, "x")
+    assert kwargs["use_rel_pos_bias"] and kwargs["use_shared_rel_pos_bias"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().forward_features(x), enc.forward_features(x))
+
+
+def test_finetune_weight_decay_is_the_releases(pretrained):
+    """run_class_finetuning.py: skip = {pos_embed, cls_token}, 1-D parameters exempt; the
+    per-block relative position tables are decayed."""
+    from timm.optim import param_groups_layer_decay
+
+    student = student_from_checkpoint(load_checkpoint(latest_checkpoint(pretrained)))
+    cfg = load_config("fashion-mnist-tiny", kind="finetune")
+    model, _, _ = build_model(cfg, 3, student, "x")
+    groups = param_groups_layer_decay(
+        model,
+        0.05,
+        no_weight_decay_list=finetune_no_weight_decay(model, student.arch),
+        layer_decay=0.75,
+    )
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        release_rule = not (
+            p.ndim <= 1 or name.endswith(".bias") or name in ("pos_embed", "cls_token")
+        )
+        assert (id(p) in decayed) == release_rule, name
+    assert id(model.blocks[0].attn.relative_position_bias_table) in decayed
 
 
 def test_finetune_errors_are_one_line(pretrained, class_tree, photo_dir, tmp_path):
@@ -163,7 +236,7 @@ def test_mae_finetune_model_starts_as_the_pretrained_encoder(mae_run):
     from timm.optim import param_groups_layer_decay
 
     student = student_from_checkpoint(load_checkpoint(latest_checkpoint(mae_run))).eval()
-    overrides = parse_overrides(["global_pool=token", "drop_path=0", "rel_pos_init=shared"])
+    overrides = parse_overrides(["global_pool=token", "drop_path=0", "rel_pos_init=shared_only"])
     cfg = load_config("fashion-mnist-tiny", overrides, kind="finetune")
     model, kwargs, report = build_model(
         cfg, 3, student, "x"

@@ -1,5 +1,6 @@
 """DTM loss: values against direct per-token formulas, gradients, options, the nn.Module wrapper."""
 
+import math
 import random
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from tokenmorph.bench import release_dense_dtm_loss
 from tokenmorph.losses import DISTANCES, DTMLoss, dtm_loss, token_distance
-from tokenmorph.morph import bipartite_morph, sample_schedule
+from tokenmorph.morph import bipartite_morph
 
 from .dense_reference import dense_membership
 
@@ -92,16 +93,22 @@ def test_masked_only_and_per_group():
     )
 
 
-def test_normalize_target_after_aggregation():
+def test_normalize_target_after_aggregation_uses_the_unbiased_variance():
+    """The release standardises each broadcast target token with torch.var (unbiased: divides by
+    C - 1), eps 1e-6 inside the square root; this test used to encode the biased variance."""
     pred, target = _data(seed=3)
     s = [10]
     M = dense_membership(target, s)
     v = _broadcast_means(M, target)
-    v = (v - v.mean(-1, keepdim=True)) / torch.sqrt(v.var(-1, unbiased=False, keepdim=True) + 1e-6)
-    expected = _direct_distance(_broadcast_means(M, pred), v, "l2", 2.0).mean()
-    torch.testing.assert_close(
-        dtm_loss(pred, target, [s], distance="l2", normalize_target=True), expected
-    )
+    C = v.shape[-1]
+    centred = v - v.sum(-1, keepdim=True) / C
+    v_release = centred / torch.sqrt((centred**2).sum(-1, keepdim=True) / (C - 1) + 1e-6)
+    v_biased = centred / torch.sqrt((centred**2).sum(-1, keepdim=True) / C + 1e-6)
+    got = dtm_loss(pred, target, [s], distance="l2", normalize_target=True)
+    expected = _direct_distance(_broadcast_means(M, pred), v_release, "l2", 2.0).mean()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    biased = _direct_distance(_broadcast_means(M, pred), v_biased, "l2", 2.0).mean()
+    assert abs(float(got - biased)) > 1e-3
 
 
 def test_token_wise_when_schedule_is_zero():
@@ -162,11 +169,44 @@ def test_dtm_loss_module_samples_schedules_reproducibly():
     assert a.last_schedules == b.last_schedules and len(a.last_schedules) == 2
     torch.testing.assert_close(la, lb)
     torch.testing.assert_close(la, dtm_loss(pred, target, a.last_schedules))
+    # the release's order of draws: the num_merge of both levels, then their k (this test used
+    # to expect num_merge and k level by level)
     rng = random.Random(3)
-    assert a.last_schedules == [sample_schedule(196, generator=rng) for _ in range(2)]
+    merges = [rng.randint(0, 196) for _ in range(2)]
+    ks = [rng.randint(1, 14) for _ in range(2)]
+    rule = [math.ceil(m / k) if math.ceil(m / k) * k <= 196 else m // k for m, k in zip(merges, ks)]
+    assert a.last_schedules == [[r] * k for r, k in zip(rule, ks)]
     # masked_only uses the mask, otherwise it is ignored
     mask = torch.zeros(2, 196, dtype=torch.bool)
     mask[:, :50] = True
     c = DTMLoss(num_levels=1, seed=1, masked_only=True)
     loss_c = c(pred, target, mask)
     torch.testing.assert_close(loss_c, dtm_loss(pred, target, c.last_schedules, mask=mask))
+
+
+def test_chunked_loss_is_the_mean_over_all_tokens_of_each_chunks_grouping():
+    """Chunks with schedules of their own (the release: one draw per GPU): every token is
+    replaced by its group mean under its chunk's schedule, the distance is averaged over all B x
+    N tokens of the batch per level, then over levels; the runs of a chunk need not be
+    contiguous."""
+    pred, target = _data(B=5, N=49, C=8, seed=11)
+    chunks = [3, 3, 8, 8, 3]
+    schedules = {3: [[6, 6], [0]], 8: [[20], [3, 3, 3]]}
+    per_level = []
+    for level in range(2):
+        u, v = torch.empty_like(pred), torch.empty_like(target)
+        for b, c in enumerate(chunks):
+            M = dense_membership(target[b : b + 1], schedules[c][level])
+            u[b], v[b] = (
+                _broadcast_means(M, pred[b : b + 1])[0],
+                _broadcast_means(M, target[b : b + 1])[0],
+            )
+        per_level.append(_direct_distance(u, v, "smooth_l1", 2.0).mean())
+    expected = torch.stack(per_level).mean()
+    got = dtm_loss(pred, target, schedules, chunks=chunks)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    # one chunk is dtm_loss
+    torch.testing.assert_close(
+        dtm_loss(pred, target, {0: schedules[3]}, chunks=[0] * 5),
+        dtm_loss(pred, target, schedules[3]),
+    )

@@ -9,6 +9,8 @@ from tokenmorph.commands import COMMANDS
 from tokenmorph.errors import ConfigError
 from tokenmorph.eval import PROTOCOLS
 from tokenmorph.models.arch import DECODER_PRESETS, FRAMEWORKS, REL_POS, STUDENT_SIZES
+from tokenmorph.models.layouts import REL_POS_INITS
+from tokenmorph.models.student import STUDENT_INITS
 from tokenmorph.models.teachers import TEACHER_NAMES, TEACHERS, describe_teachers
 from tokenmorph.ops.degrade import DEGRADATIONS, build_degradation
 from tokenmorph.ops.losses import DISTANCES, SCHEDULERS, token_distance
@@ -42,6 +44,8 @@ def choices(cls, key):
         ("pixel_norm", PIXEL_NORMS),
         ("precision", PRECISIONS),
         ("lr_scaling", LR_SCALING),
+        ("rel_pos_bias", REL_POS),
+        ("init", STUDENT_INITS),
     ],
 )
 def test_pretrain_choices_are_the_registries(key, registry):
@@ -50,7 +54,7 @@ def test_pretrain_choices_are_the_registries(key, registry):
 
 def test_finetune_choices_are_the_registries():
     assert choices(FinetuneConfig, "model") == tuple(STUDENT_SIZES)
-    assert choices(FinetuneConfig, "rel_pos_init") == REL_POS
+    assert choices(FinetuneConfig, "rel_pos_init") == tuple(REL_POS_INITS)
 
 
 def test_every_registered_component_is_accepted_and_described():

@@ -16,7 +16,7 @@ import torch
 
 from ..ops.losses import dtm_loss
 from ..runtime.precision import autocast_dtype
-from .release import release_dense_dtm_loss, set_explicit_attention
+from .release import release_dense_dtm_loss, release_precision, set_explicit_attention
 from .timing import Timed, matmul_peak
 
 __all__ = ["bench_pretrain", "bench_objectives"]
@@ -39,10 +39,13 @@ def bench_pretrain(
     """Full DTM pre-training steps on synthetic images, timed per phase.
 
     Phases: teacher forward, student forward, morph + loss (forward), backward, optimiser (clip +
-    AdamW). ``baseline=True`` also times the official release's step on the same models and
-    batch:
-    fp32, the explicit attention path, the dense morphing formulation; the ratio of images/s is
-    reported.
+    AdamW). The student has the release's relative position bias (each block's own table plus
+    the shared one). ``baseline=True`` also times the official release's step on the same models
+    and batch, doing the release's work (:func:`~.release.release_precision`): the teacher's
+    fused attention (CLIP's ``nn.MultiheadAttention``), the student's explicit attention
+    (``softmax(q k^T + bias) v``), the dense morphing formulation, under fp16 autocast with a
+    GradScaler on CUDA and in fp32 on a CPU (the release's ``torch.cuda.amp.autocast`` does
+    nothing to CPU tensors); the ratio of images/s is reported.
     """
     import random as _random
 
@@ -67,7 +70,7 @@ def bench_pretrain(
         device=dev,
     )
     student = create_student(
-        model, target_dim=t_model.dim, img_size=img_size, patch_size=patch_size
+        model, target_dim=t_model.dim, img_size=img_size, patch_size=patch_size, rel_pos="both"
     ).to(dev)
     grid = student.grid
     n = student.num_patches
@@ -89,6 +92,8 @@ def bench_pretrain(
             return torch.autocast(dev.type, enabled=False)
         return torch.autocast(dev.type, dtype=amp_dtype)
 
+    scaler = None  # the release's GradScaler (fp16 on CUDA)
+
     def step(phases: dict | None, loss_fn, rng) -> None:
         marks = [time.perf_counter()]
 
@@ -101,12 +106,19 @@ def bench_pretrain(
         with autocast():
             pred = student(images, mask)
         mark()
-        loss = loss_fn(pred, target, criterion.sample_schedules(n, rng))
+        with autocast():  # the release computes matching and loss under autocast too
+            loss = loss_fn(pred, target, criterion.sample_schedules(n, rng))
         mark()
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         mark()
+        if scaler is not None:
+            scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(student.parameters(), 3.0)
-        opt.step()
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
         opt.zero_grad(set_to_none=True)
         mark()
         if phases is not None:
@@ -163,13 +175,17 @@ def bench_pretrain(
         "peak_ratio_vs_fp32": peak / peak_fp32,
     }
     if baseline:
-        t_model.amp = False
-        set_explicit_attention(t_model)
-        set_explicit_attention(student)
-        amp_dtype = None
-        base = run(lambda p, t, s: release_dense_dtm_loss(p.float(), t, s), "release")
+        amp_dtype = release_precision(dev.type)
+        t_model.amp, t_model.amp_dtype = amp_dtype is not None, amp_dtype or torch.float32
+        set_explicit_attention(student)  # the release's student; its CLIP teacher stays fused
+        if amp_dtype is not None:
+            scaler = torch.amp.GradScaler(dev.type)
+        base = run(release_dense_dtm_loss, "release")
+        precision_text = "fp16 autocast + GradScaler" if amp_dtype is not None else "fp32"
         result["baseline"] = {
-            "what": "release step: fp32, explicit attention, dense morphing",
+            "what": f"release step: {precision_text}, fused teacher attention, explicit student "
+            "attention with per-block + shared bias, dense morphing",
+            "precision": "fp16" if amp_dtype is not None else "fp32",
             "images_per_second": base["images_per_second"],
             "step_s": base["step_s"],
             "phases_s": base["phases_s"],

@@ -10,18 +10,28 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["release_dense_membership", "release_dense_dtm_loss", "set_explicit_attention"]
+__all__ = [
+    "release_dense_membership",
+    "release_dense_dtm_loss",
+    "set_explicit_attention",
+    "release_precision",
+]
 
 
-def release_dense_membership(tokens: torch.Tensor, schedule: Sequence[int]) -> torch.Tensor:
+def release_dense_membership(
+    tokens: torch.Tensor, schedule: Sequence[int], half: bool = False
+) -> torch.Tensor:
     """The release's morphing, as it computes it: (B, N, D) -> binary membership (B, G, N).
 
     Every iteration normalises the size-weighted group features, matches the alternating halves
     with a (B, n/2, n/2) similarity product, merges features (``x * size`` summed) and the (B, n,
     N) source matrix with gather/scatter. First token protected (the release's class-token flag).
+    ``half=True`` emulates the release under fp16 autocast: features and merges in fp16, the
+    norm in fp32 (autocast's fp32 list), the similarity product in fp16 (ties in the maxima then
+    break by index here, by CUDA's unstable sort in the release).
     """
     B, N, D = tokens.shape
-    x = tokens.detach().float()
+    x = tokens.detach().half() if half else tokens.detach().float()
     size = torch.ones(B, N, 1, dtype=x.dtype, device=x.device)
     source = torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N)
     for r in schedule:
@@ -29,8 +39,10 @@ def release_dense_membership(tokens: torch.Tensor, schedule: Sequence[int]) -> t
         r = min(int(r), (t - 1) // 2)
         if r <= 0:
             continue
-        metric = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        metric = x.float() / x.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
         a, b = metric[:, ::2], metric[:, 1::2]
+        if half:
+            a, b = a.half(), b.half()
         scores = a @ b.transpose(-1, -2)
         scores[:, 0, :] = -math.inf
         node_max, node_idx = scores.max(dim=-1)
@@ -70,7 +82,16 @@ def release_dense_dtm_loss(
 
 
 def set_explicit_attention(module: torch.nn.Module) -> None:
-    """Switch timm attention layers to the explicit softmax(QK^T)V path (what the release runs)."""
+    """Switch timm attention layers to the explicit softmax(QK^T)V path (what the release's
+    student runs: modeling_finetune.Attention; its CLIP teacher's ``nn.MultiheadAttention`` is
+    fused)."""
     for m in module.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = False
+
+
+def release_precision(device_type: str) -> torch.dtype | None:
+    """The autocast dtype of the release's step on a device: fp16 on CUDA (its
+    ``torch.cuda.amp.autocast()`` around the teacher, the student, matching and loss), None
+    (fp32) on a CPU, where that autocast changes nothing."""
+    return torch.float16 if device_type == "cuda" else None

@@ -162,7 +162,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint",
         required=True,
         metavar="CKPT",
-        help="a pretrain checkpoint file, a run folder (its newest checkpoint), or timm:NAME",
+        help="a pretrain checkpoint file, a run folder (its newest checkpoint), "
+        "dtm-release:FILE (a checkpoint of the official DTM release), or timm:NAME",
     )
     g.add_argument(
         "--random-init", action="store_true", help="timm:NAME with random weights (no download)"

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "checkpoint",
         metavar="CKPT",
-        help="pre-training checkpoint file, or a run folder (newest checkpoint)",
+        help="pre-training checkpoint file, a run folder (newest checkpoint), or dtm-release:FILE "
+        "(a checkpoint of the official DTM release)",
     )
     parser.add_argument(
         "out", metavar="OUT.safetensors", help="weights file to write; the recipe goes to OUT.json"

@@ -18,16 +18,21 @@ Examples:
       /data/imagenet/train \\ --val-data /data/imagenet/val
   torchrun --nproc_per_node 8 -m tokenmorph finetune --config vit-b16-in1k ...
 
-A run folder is resumed automatically. The pre-trained final norm is not used with mean pooling
-(BEiT's protocol: a new fc_norm normalises the pooled feature); the command prints every key it
-drops or adds. A checkpoint of the MAE framework gives a timm ViT (learnable position embedding;
+A run folder is resumed automatically. --checkpoint dtm-release:FILE takes a checkpoint of the
+official DTM release. The pre-trained final norm is not used with mean pooling (BEiT's protocol:
+a new fc_norm normalises the pooled feature); each block's relative position table starts from
+its own pre-trained table plus the shared one (rel_pos_init=own_plus_shared, the release's
+documented launch; shared_only, own_only, as_pretrained); the command prints every key it drops
+or adds. A checkpoint of the MAE framework gives a timm ViT (learnable position embedding;
 rel_pos_init is ignored)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, "finetune")
     parser.add_argument(
-        "--checkpoint", help="pre-trained checkpoint file or run folder (its newest checkpoint)"
+        "--checkpoint",
+        help="pre-trained checkpoint file or run folder (its newest checkpoint), or "
+        "dtm-release:FILE",
     )
     parser.add_argument("--data", help="training data: an ImageFolder tree, or fashion-mnist")
     parser.add_argument(

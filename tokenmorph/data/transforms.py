@@ -46,26 +46,26 @@ def pretrain_transform(
     hflip: bool = True,
     interpolation: str = "bicubic",
 ) -> T.Compose:
-    """The DTM release's pre-training augmentation: PIL image -> (3, img_size, img_size) float in
-    [0, 1].
+    """The releases' pre-training augmentation: PIL image -> (3, img_size, img_size) float in
+    [0, 1], not normalised.
 
-    RandomResizedCrop(img_size, scale, bicubic) -> RandomHorizontalFlip -> ColorJitter(0.4, 0.4,
-    0.4) -> ToTensor; not normalised. ``color_jitter=0`` / ``hflip=False`` leave those steps out.
-    All randomness comes from torch's global generator (``torch.manual_seed`` makes it
-    reproducible).
+    With colour jitter (DTM, ``utils/datasets.py DataAugmentationForBEiT``): ColorJitter(0.4,
+    0.4, 0.4) (brightness, contrast, saturation; no hue) on the whole image -> horizontal flip ->
+    RandomResizedCrop(img_size, scale, bicubic) -> ToTensor. The order matters for the contrast
+    jitter, which blends towards the mean grey of what it is given (the whole image, not the
+    crop). Without it (``color_jitter=0``: MAE and Beyond Masking's ``main_pretrain.py``):
+    RandomResizedCrop -> flip -> ToTensor. ``hflip=False`` leaves the flip out. All randomness
+    comes from torch's global generator (``torch.manual_seed`` makes it reproducible).
     """
-    steps = [
-        ToRGB(),
-        T.RandomResizedCrop(
-            img_size, scale=tuple(scale), interpolation=_interpolation(interpolation)
-        ),
-    ]
-    if hflip:
-        steps.append(T.RandomHorizontalFlip())
+    crop = T.RandomResizedCrop(
+        img_size, scale=tuple(scale), interpolation=_interpolation(interpolation)
+    )
+    flip = [T.RandomHorizontalFlip()] if hflip else []
     if color_jitter:
-        steps.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
-    steps.append(T.ToTensor())
-    return T.Compose(steps)
+        steps = [T.ColorJitter(color_jitter, color_jitter, color_jitter), *flip, crop]
+    else:
+        steps = [crop, *flip]
+    return T.Compose([ToRGB(), *steps, T.ToTensor()])
 
 
 TINY_IMAGE_SIDE = (

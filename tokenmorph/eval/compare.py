@@ -23,9 +23,8 @@ from ..data import build_dataset, collate_skip, default_crop_pct, eval_transform
 from ..hub.backbone import load_pretrain_checkpoint
 from ..models import student_from_checkpoint
 from ..ops.losses import dtm_loss
-from ..ops.masking import BlockMasking
 from ..recipes.config import load_config
-from ..recipes.objectives import resolve_loss
+from ..recipes.objectives import build_block_masking, resolve_loss
 from ..recipes.pretrain import build_student_and_teacher, pretrain
 from ..runtime.distributed import resolve_device
 from ..viz import plot_runs
@@ -43,9 +42,7 @@ def heldout_token_loss(cfg, run_dir: Path, dataset, num_images: int, device) -> 
     ckpt, path, record = load_pretrain_checkpoint(run_dir, "the held-out token loss")
     student = student_from_checkpoint(ckpt, record, str(path)).to(device).eval()
     _, teacher = build_student_and_teacher(cfg, device)
-    masking = BlockMasking(
-        student.grid, cfg.num_masked, min(cfg.min_mask_block, max(cfg.num_masked, 1))
-    )
+    masking = build_block_masking(cfg, student.grid)
     rng = np.random.default_rng(cfg.seed)
     n = min(num_images, len(dataset))
     loader = torch.utils.data.DataLoader(

@@ -1,8 +1,9 @@
 """Frozen image encoders for evaluation: a tokenmorph checkpoint's student encoder, or any timm
 model.
 
-``load_backbone(spec)`` accepts a checkpoint file, a run folder (its newest checkpoint), or
-``timm:NAME``; the result turns [0, 1] images into pooled features or tokens.
+``load_backbone(spec)`` accepts a checkpoint file, a run folder (its newest checkpoint),
+``dtm-release:FILE`` (a checkpoint of the official DTM release) or ``timm:NAME``; the result
+turns [0, 1] images into pooled features or tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from ..errors import CheckpointError, ModelError
 from ..models import StudentRecord, student_from_checkpoint
 from ..runtime.checkpoints import latest_checkpoint, load_checkpoint
+from .release_weights import DTM_RELEASE_PREFIX, dtm_release_checkpoint
 
 __all__ = ["Backbone", "load_backbone", "load_pretrain_checkpoint"]
 
@@ -69,8 +71,13 @@ class Backbone:
 
 def load_pretrain_checkpoint(spec, purpose: str) -> tuple[dict, Path, StudentRecord]:
     """(checkpoint, path, record) of a pre-training checkpoint file or run folder (its newest
-    checkpoint); one-line errors for a missing path, another kind of checkpoint, or one without a
-    student record."""
+    checkpoint), or of ``dtm-release:FILE``, a checkpoint of the official DTM release
+    (:func:`~.release_weights.dtm_release_checkpoint`); one-line errors for a missing path,
+    another kind of checkpoint, or one without a student record."""
+    if str(spec).startswith(DTM_RELEASE_PREFIX):
+        path = Path(str(spec)[len(DTM_RELEASE_PREFIX) :])
+        ckpt, _ = dtm_release_checkpoint(path)
+        return ckpt, path, StudentRecord.from_checkpoint(ckpt, str(path))
     path = latest_checkpoint(Path(spec))
     if path is None:
         raise CheckpointError(
@@ -92,7 +99,8 @@ def load_backbone(
     """A frozen evaluation encoder.
 
     Args:
-        spec: a tokenmorph checkpoint file, a run folder (newest checkpoint), or ``timm:NAME``.
+        spec: a tokenmorph checkpoint file, a run folder (newest checkpoint),
+            ``dtm-release:FILE`` or ``timm:NAME``.
         device: where to put it.
         random_init: for ``timm:NAME``, random weights instead of the hub's pretrained ones.
         img_size: for ``timm:NAME``, the input side (default: the model's pretrained config).

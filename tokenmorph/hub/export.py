@@ -15,9 +15,13 @@ How the recipe is built, and why:
 
 * ``timm_model`` only picks timm's BEiT entry point (``beit_large_patch16_224`` for the large
   shape, ``beit_base_patch16_224`` otherwise; timm has no tiny or small BEiT). ``kwargs`` spell
-  out the whole architecture (size, patch, grid, LayerScale, shared relative position bias, no
-  absolute position embedding, no per-block bias), so the entry point's defaults never decide
-  anything.
+  out the whole architecture (size, patch, grid, LayerScale, relative position bias, no
+  absolute position embedding), so the entry point's defaults never decide anything.
+* The relative position bias is exported per block (timm's ``use_rel_pos_bias``, the layout of
+  timm's own BEiT weights and of fine-tuning) for a student with per-block tables: a "both"
+  student's block gets its own table plus the shared one, which is the same function (the bias
+  added before the softmax is the sum of the two tables at the same index). A shared-only
+  student keeps its one shared table.
 * ``kwargs["pretrained_cfg"]`` replaces the registry's pretrained config. timm's
   ``load_pretrained`` turns strict loading off whenever the model's ``num_classes`` differs from
   the pretrained config's (1000 or 21841 for timm's BEiT tags), which an encoder
@@ -50,12 +54,38 @@ import json
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
-from ..models.arch import timm_encoder_kwargs, timm_family, timm_model_name
+from ..models.arch import rel_pos_of, timm_encoder_kwargs, timm_family, timm_model_name
+from ..models.layouts import per_block_tables
 
-__all__ = ["GLOBAL_POOLS", "EXPORT_FORMAT", "export_encoder", "timm_spec", "timm_call"]
+__all__ = [
+    "GLOBAL_POOLS",
+    "EXPORT_FORMAT",
+    "export_layout",
+    "export_state",
+    "export_encoder",
+    "timm_spec",
+    "timm_call",
+]
 
 EXPORT_FORMAT = "tokenmorph-timm-export-v1"
 GLOBAL_POOLS = ("avg", "token", "")
+
+
+def export_layout(arch: dict) -> str | None:
+    """The relative position layout of a BEiT student's export: "per_block" when the student has
+    per-block tables ("per_block" or "both"), "shared" for a shared-only one; None for a ViT."""
+    if timm_family(arch) != "beit":
+        return None
+    return "shared" if rel_pos_of(arch) == "shared" else "per_block"
+
+
+def export_state(arch: dict, encoder_state: dict) -> dict:
+    """The exported weights of an encoder state: a "both" student's tables merged into one per
+    block (its own plus the shared one, :func:`~tokenmorph.models.layouts.per_block_tables`), so
+    that the per-block timm Beit computes the same function; other layouts as they are."""
+    if timm_family(arch) == "beit" and rel_pos_of(arch) == "both":
+        return per_block_tables(encoder_state, arch["depth"], "own_plus_shared")
+    return dict(encoder_state)
 
 
 def timm_spec(arch: dict, global_pool: str, mean, std, description: str = "") -> tuple[str, dict]:
@@ -63,7 +93,9 @@ def timm_spec(arch: dict, global_pool: str, mean, std, description: str = "") ->
     (a checkpoint's ``student_arch``) in timm and load its exported weights strictly."""
     if global_pool not in GLOBAL_POOLS:
         raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
-    kwargs = timm_encoder_kwargs(arch, num_classes=0, global_pool=global_pool)
+    kwargs = timm_encoder_kwargs(
+        arch, rel_pos=export_layout(arch), num_classes=0, global_pool=global_pool
+    )
     if global_pool == "avg":
         # keep the final norm on the tokens (timm would otherwise pool first, then apply
         # fc_norm); only set when needed because timm releases older than these arguments refuse
@@ -153,12 +185,11 @@ def export_encoder(
     # The encoder's weights are the checkpoint's "encoder." entries (an MAE decoder is left out):
     # no student is built (for a large one that saves seconds and a copy of the weights);
     # _check_loadable verifies them against the timm model of the recipe.
-    state = {
-        k[len("encoder.") :]: v.contiguous()
-        for k, v in ckpt["model"].items()
-        if k.startswith("encoder.")
-    }
     arch, step, framework = record.arch, record.step, record.framework
+    encoder = {
+        k[len("encoder.") :]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")
+    }
+    state = {k: v.contiguous() for k, v in export_state(arch, encoder).items()}
     what = "DTM" if framework == "beit" else framework
     name, kwargs = timm_spec(
         arch,

@@ -8,8 +8,9 @@ fine-tuning, export and backbone loading all use it, so a checkpoint's ``state_d
 loads into the timm model it names.
 
 An architecture is a plain dict (a checkpoint's ``student_arch``): ``img_size``, ``patch_size``,
-``embed_dim``, ``depth``, ``num_heads``, plus ``init_values`` (BEiT) or ``framework="mae"`` and
-the decoder's shape (MAE).
+``embed_dim``, ``depth``, ``num_heads``, plus ``init_values`` and ``rel_pos`` (BEiT; an
+architecture without ``rel_pos`` was written before it existed: one shared table) or
+``framework="mae"`` and the decoder's shape (MAE).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "timm_family",
     "timm_model_name",
     "timm_encoder_kwargs",
+    "rel_pos_of",
 ]
 
 # size -> (embed_dim, depth, num_heads); tiny is DeiT-tiny's shape, for CPU-scale runs.
@@ -38,9 +40,9 @@ STUDENT_SIZES = {
 DECODER_PRESETS = {"release": (4, 384), "mae": (8, 512)}
 # pre-training framework -> timm model family of its encoder
 FRAMEWORKS = {"beit": "beit", "mae": "vit"}
-# where a Beit keeps its relative position bias: one table shared by every block, or one per
-# block
-REL_POS = ("shared", "per_block")
+# where a Beit keeps its relative position bias: one table shared by every block, one per block,
+# or both (each block's own table plus the shared one, added: the DTM release's pre-training)
+REL_POS = ("shared", "per_block", "both")
 
 
 def encoder_shape(
@@ -84,15 +86,24 @@ def timm_model_name(arch: dict) -> str:
     return f"{timm_family(arch)}_{'large' if large else 'base'}_patch16_224"
 
 
-def timm_encoder_kwargs(arch: dict, rel_pos: str = "shared", **overrides) -> dict:
-    """Keyword arguments for ``timm.create_model(timm_model_name(arch), ...)`` (or the timm
-       class)
-    that build an encoder whose ``state_dict`` matches the student's ``encoder`` key for key.
+def rel_pos_of(arch: dict) -> str:
+    """Where a BEiT architecture keeps its relative position bias (:data:`REL_POS`); "shared" for
+    architectures recorded before the choice existed."""
+    return arch.get("rel_pos", "shared")
 
-    ``rel_pos`` (BEiT only): ``"shared"`` (pre-training's one table for every block) or
-    ``"per_block"`` (fine-tuning's, each block its own). ``overrides`` are added last (e.g.
-    ``num_classes``, ``global_pool``, ``drop_path_rate``, a new ``img_size``).
+
+def timm_encoder_kwargs(arch: dict, rel_pos: str | None = None, **overrides) -> dict:
+    """Keyword arguments for ``timm.create_model(timm_model_name(arch), ...)`` (or the timm
+    class) that build an encoder whose ``state_dict`` matches the student's ``encoder`` key for
+    key.
+
+    ``rel_pos`` (BEiT only): ``"shared"`` (one table for every block), ``"per_block"`` (each
+    block its own: fine-tuning's and export's layout) or ``"both"`` (each block's own table plus
+    the shared one, added before the softmax: the DTM release's pre-training); None is the
+    architecture's own (:func:`rel_pos_of`). ``overrides`` are added last (e.g. ``num_classes``,
+    ``global_pool``, ``drop_path_rate``, a new ``img_size``).
     """
+    rel_pos = rel_pos_of(arch) if rel_pos is None else rel_pos
     if rel_pos not in REL_POS:
         raise ValueError(f"rel_pos must be one of {REL_POS}, got {rel_pos!r}")
     kwargs = dict(
@@ -110,8 +121,8 @@ def timm_encoder_kwargs(arch: dict, rel_pos: str = "shared", **overrides) -> dic
         kwargs.update(
             init_values=arch["init_values"],
             use_abs_pos_emb=False,
-            use_rel_pos_bias=rel_pos == "per_block",
-            use_shared_rel_pos_bias=rel_pos == "shared",
+            use_rel_pos_bias=rel_pos in ("per_block", "both"),
+            use_shared_rel_pos_bias=rel_pos in ("shared", "both"),
         )
     kwargs.update(overrides)
     return kwargs

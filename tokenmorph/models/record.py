@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..errors import CheckpointError
-from .arch import framework_of
+from .arch import framework_of, rel_pos_of
 
 __all__ = ["StudentRecord"]
 
@@ -32,7 +32,7 @@ class StudentRecord:
         size: the size name it was built from (tiny / small / base / large; the shape below is
         what counts).
         arch: the architecture dict (``student_arch``): img_size, patch_size, embed_dim, depth,
-            num_heads, and init_values (BEiT) or the decoder's shape (MAE).
+            num_heads, and init_values and rel_pos (BEiT) or the decoder's shape (MAE).
         target_dim: D of the head's (BEiT) or decoder's (MAE) predictions.
         teacher: the teacher it was trained against ("pixels" for pixel targets; None if not
         recorded). mean, std: the input normalisation of [0, 1] images it was trained with.
@@ -69,11 +69,13 @@ class StudentRecord:
         """Keyword arguments of ``create_student`` / ``create_mae_student`` that rebuild this
         student."""
         keys = _ARCH_KEYS + (_DECODER_KEYS if self.framework == "mae" else ("init_values",))
+        layout = {} if self.framework == "mae" else {"rel_pos": rel_pos_of(self.arch)}
         return dict(
             target_dim=self.target_dim,
             mean=self.mean,
             std=self.std,
             **{k: self.arch[k] for k in keys},
+            **layout,
         )
 
     @classmethod

@@ -1,23 +1,29 @@
 """The DTM student: a BEiT-style ViT that sees masked images and predicts teacher tokens.
 
-The encoder *is* timm's ``Beit`` (shared relative position bias, no absolute position embedding,
+The encoder *is* timm's ``Beit`` (relative position bias, no absolute position embedding,
 LayerScale, qkv bias, LayerNorm eps 1e-6, drop path), so its ``state_dict`` loads into timm for
 fine-tuning. What DTM adds around it (docs/method.md 1.2): a learned mask token that replaces the
 patch embeddings of masked patches, and a head, ``Linear(dim -> teacher dim)`` on every patch
 token after the encoder's final norm.
+
+The relative position bias (``rel_pos``) is, as in the DTM release, by default ``"both"``: every
+block its own table and one shared table added to it (timm's ``use_rel_pos_bias`` and
+``use_shared_rel_pos_bias`` together); ``"shared"`` and ``"per_block"`` are the other layouts.
+The initialisation (``init``) is by default the release's (:func:`release_init`); ``"timm"``
+keeps timm's own.
 
 Loading the encoder into timm (strict, no missing or unexpected keys)::
 
     import timm
     from tokenmorph.models import timm_encoder_kwargs, timm_model_name
     model = timm.create_model(timm_model_name(student.arch), num_classes=0, global_pool="",
-                              **timm_encoder_kwargs(student.arch))   # shared bias, no per-block
-                              bias
+                              **timm_encoder_kwargs(student.arch))   # the student's layout
     model.load_state_dict(student.encoder.state_dict())
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -27,9 +33,58 @@ from timm.models.beit import Beit
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .arch import encoder_shape, timm_encoder_kwargs
+from .arch import REL_POS, encoder_shape, timm_encoder_kwargs
 
-__all__ = ["StudentBase", "MaskedViTStudent", "create_student"]
+__all__ = [
+    "STUDENT_INITS",
+    "StudentBase",
+    "MaskedViTStudent",
+    "create_student",
+    "release_trunc_normal_",
+    "release_init",
+]
+
+# init -> what it does (the config's ``init`` choices come from here)
+STUDENT_INITS = {
+    "release": "the DTM / BEiT release's: truncated normal std 0.02 cut at +-0.02, biases 0, "
+    "output projections rescaled per layer",
+    "timm": "timm's Beit init (truncated normal std 0.02 cut at +-2, PyTorch's default for the "
+    "patch embedding)",
+}
+
+
+def release_trunc_normal_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    """The BEiT / DTM releases' truncated normal: std ``std`` cut at +-``std`` (one standard
+    deviation, so the values' own std is about 0.54 ``std``), in place."""
+    return trunc_normal_(tensor, std=std, a=-std, b=std)
+
+
+@torch.no_grad()
+def release_init(student: nn.Module, std: float = 0.02) -> None:
+    """Initialise a :class:`MaskedViTStudent` as the DTM release's ``DTM`` model (BEiT v2's
+    pre-training model): every Linear (qkv, projections, MLP, head) and the patch-embedding
+    Conv2d get :func:`release_trunc_normal_` weights and zero biases, LayerNorms weight 1 and
+    bias 0, the class and mask tokens :func:`release_trunc_normal_`, the relative position tables
+    zeros, and block l (1-based) divides its ``attn.proj`` and ``mlp.fc2`` weights by sqrt(2 l)
+    (BEiT's ``fix_init_weight``). q/v biases are zero and LayerScale is ``init_values`` (timm's
+    already). The distribution is the release's; the order of the random draws is not."""
+    for m in student.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            release_trunc_normal_(m.weight, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    enc = student.encoder
+    release_trunc_normal_(enc.cls_token, std)
+    release_trunc_normal_(student.mask_token, std)
+    for name, p in enc.named_parameters():
+        if name.endswith("relative_position_bias_table"):
+            nn.init.zeros_(p)
+    for layer, blk in enumerate(enc.blocks, start=1):
+        blk.attn.proj.weight.div_(math.sqrt(2.0 * layer))
+        blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
 
 class StudentBase(nn.Module):
@@ -75,6 +130,10 @@ class MaskedViTStudent(StudentBase):
         init_values: LayerScale init (0.1).
         mean, std: input normalisation; ``forward`` takes images in [0, 1].
         depth, embed_dim, num_heads: override the size's shape.
+        rel_pos: relative position bias layout, "both" (the release's), "shared" or "per_block"
+            (:data:`tokenmorph.models.arch.REL_POS`).
+        init: "release" (:func:`release_init`) or "timm" (timm's Beit init; the mask token and
+            head weights drawn as timm's, std 0.02 cut at +-2).
     """
 
     def __init__(
@@ -90,8 +149,14 @@ class MaskedViTStudent(StudentBase):
         depth: int | None = None,
         embed_dim: int | None = None,
         num_heads: int | None = None,
+        rel_pos: str = "both",
+        init: str = "release",
     ) -> None:
         super().__init__()
+        if rel_pos not in REL_POS:
+            raise ValueError(f"rel_pos must be one of {REL_POS}, got {rel_pos!r}")
+        if init not in STUDENT_INITS:
+            raise ValueError(f"init must be one of {tuple(STUDENT_INITS)}, got {init!r}")
         embed_dim, depth, num_heads = encoder_shape(
             size, img_size, patch_size, embed_dim, depth, num_heads
         )
@@ -104,6 +169,7 @@ class MaskedViTStudent(StudentBase):
             depth=depth,
             num_heads=num_heads,
             init_values=init_values,
+            rel_pos=rel_pos,
         )
         self.encoder = Beit(
             **timm_encoder_kwargs(
@@ -115,7 +181,15 @@ class MaskedViTStudent(StudentBase):
         self.head = nn.Linear(embed_dim, target_dim)
         trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        if init == "release":
+            release_init(self)
         self._set_input_normalization(mean, std)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay besides 1-D ones and biases: the DTM
+        release's rule (``no_weight_decay() = {pos_embed, cls_token}``), so the mask token and
+        every relative position table are decayed."""
+        return {"encoder.cls_token"}
 
     def forward_features(
         self, images: torch.Tensor, mask: torch.Tensor | None = None
@@ -134,7 +208,8 @@ class MaskedViTStudent(StudentBase):
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         x = torch.cat([enc.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         x = enc.pos_drop(x)
-        rel_pos_bias = enc.rel_pos_bias()
+        # the shared table's (H, 1 + N, 1 + N) bias, once per forward; each block adds its own
+        rel_pos_bias = enc.rel_pos_bias() if enc.rel_pos_bias is not None else None
         for blk in enc.blocks:
             if self.grad_checkpointing and self.training:
                 x = checkpoint(blk, x, rel_pos_bias, use_reentrant=False)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .morph import Morph, gram, morph_from_gram, sample_schedule
+from .morph import Morph, gram, morph_from_gram, sample_schedules
 
 __all__ = [
     "DISTANCES",
@@ -82,11 +82,14 @@ def token_distance(
 
 
 def _normalize_tokens(x: torch.Tensor) -> torch.Tensor:
-    """Per-token standardisation over channels (BEiT v2 / MAE 'norm target' style)."""
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+    """Per-token standardisation over channels, the DTM release's ``normalize_target``:
+    ``(x - mean) / sqrt(var + 1e-6)`` with the unbiased variance (``torch.var``, divides by C -
+    1)."""
+    var, mean = torch.var_mean(x, dim=-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-6)
 
 
-def _level_loss(
+def _level_terms(
     m: Morph,
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -112,39 +115,10 @@ def _level_loss(
         weight = m.count(mask.to(d.dtype))  # masked tokens per group
     if per_group:
         weight = (weight > 0).to(d.dtype)
-    return (d * weight).sum() / weight.sum().clamp_min(1)
+    return (d * weight).sum(), weight.sum()
 
 
-def dtm_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    schedules: Sequence[Sequence[int] | Morph],
-    mode: str = "reference",
-    distance: str = "smooth_l1",
-    beta: float = 2.0,
-    normalize_target: bool = False,
-    mask: torch.Tensor | None = None,
-    per_group: bool = False,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """DTM loss averaged over levels.
-
-    Args:
-        pred: (B, N, C) student predictions (gradients flow here only).
-        target: (B, N, C) teacher targets; the grouping is computed from them, without gradient.
-        schedules: one entry per level: a list of merge counts, or a prebuilt :class:`Morph`.
-            A schedule of zeros (or ``[]``) is plain token-wise distillation.
-        mode: morphing mode, ``"reference"`` (release) or ``"paper"``.
-        distance: "smooth_l1" (default, beta 2.0), "l1", "l2", "cosine".
-        normalize_target: standardise each aggregated target over channels.
-        mask: optional (B, N) bool; when given, only masked (True) positions contribute.
-        per_group: one term per group (each group weighs the same) instead of one per token.
-            With ``mask``, only groups holding at least one masked token count.
-        generator: random source of ``mode="paper"``.
-
-    Returns:
-        Scalar loss, float32 (computed in float32 even under autocast).
-    """
+def _check_inputs(pred, target, distance, mask, schedules) -> None:
     if pred.shape != target.shape or pred.dim() != 3:
         raise ValueError(
             f"pred and target must both be (B, N, C); got {tuple(pred.shape)} and "
@@ -158,32 +132,108 @@ def dtm_loss(
         raise ValueError(
             "schedules must hold at least one level (use [[0]] for token-wise distillation)"
         )
-    with torch.autocast(pred.device.type, enabled=False):
-        wide = torch.float64 if pred.dtype == torch.float64 else torch.float32
-        pred = pred.to(wide)
-        target = target.detach().to(wide)
-        # Distances of the difference only (smooth_l1, l1, l2) reduce pred - target in one pass.
-        diff = pred - target if distance != "cosine" and not normalize_target else None
-        K = None
-        losses = []
-        last_morphed = max(
-            (i for i, s in enumerate(schedules) if not isinstance(s, Morph)), default=-1
+
+
+def _dtm_terms(
+    pred, target, schedules, mode, distance, beta, normalize_target, mask, per_group, generator
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per level: (sum of weighted distances, sum of weights), float32 or float64, autocast off."""
+    wide = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    pred = pred.to(wide)
+    target = target.detach().to(wide)
+    # Distances of the difference only (smooth_l1, l1, l2) reduce pred - target in one pass.
+    diff = pred - target if distance != "cosine" and not normalize_target else None
+    K = None
+    terms = []
+    last_morphed = max((i for i, s in enumerate(schedules) if not isinstance(s, Morph)), default=-1)
+    for i, level in enumerate(schedules):
+        if isinstance(level, Morph):
+            m = level
+        else:
+            if K is None:  # one Gram serves every level
+                K = gram(target)
+            m = morph_from_gram(K, level, mode=mode, generator=generator, inplace=i == last_morphed)
+        terms.append(
+            _level_terms(m, pred, target, diff, distance, beta, normalize_target, mask, per_group)
         )
-        for i, level in enumerate(schedules):
-            if isinstance(level, Morph):
-                m = level
-            else:
-                if K is None:  # one Gram serves every level
-                    K = gram(target)
-                m = morph_from_gram(
-                    K, level, mode=mode, generator=generator, inplace=i == last_morphed
-                )
-            losses.append(
-                _level_loss(
-                    m, pred, target, diff, distance, beta, normalize_target, mask, per_group
-                )
+    return terms
+
+
+def dtm_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    schedules,
+    mode: str = "reference",
+    distance: str = "smooth_l1",
+    beta: float = 2.0,
+    normalize_target: bool = False,
+    mask: torch.Tensor | None = None,
+    per_group: bool = False,
+    generator: torch.Generator | None = None,
+    chunks: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """DTM loss averaged over levels.
+
+    Args:
+        pred: (B, N, C) student predictions (gradients flow here only).
+        target: (B, N, C) teacher targets; the grouping is computed from them, without gradient.
+        schedules: one entry per level: a list of merge counts, or a prebuilt :class:`Morph`.
+            A schedule of zeros (or ``[]``) is plain token-wise distillation. With ``chunks``: a
+            dict chunk -> its levels' schedules (the same number of levels for every chunk).
+        mode: morphing mode, ``"reference"`` (release) or ``"paper"``.
+        distance: "smooth_l1" (default, beta 2.0), "l1", "l2", "cosine".
+        normalize_target: standardise each aggregated target over channels (the release's:
+            unbiased variance, eps 1e-6 inside the square root).
+        mask: optional (B, N) bool; when given, only masked (True) positions contribute.
+        per_group: one term per group (each group weighs the same) instead of one per token.
+            With ``mask``, only groups holding at least one masked token count.
+        generator: random source of ``mode="paper"``.
+        chunks: optional B ints, the chunk of every sample (e.g. its position in the global
+            batch // the chunk size), each chunk grouped by its own schedules. Every level's term
+            is still the weighted mean over all the batch's tokens (the chunks' sums over the
+            sums of their weights). A run of consecutive samples of one chunk is one slice (no
+            gather); a micro-batch's samples come in global-batch order, so one slice per chunk.
+
+    Returns:
+        Scalar loss, float32 (computed in float32 even under autocast).
+    """
+    if chunks is None:
+        chunks, schedules = [0] * pred.shape[0], {0: schedules}
+    levels = {len(s) for s in schedules.values()}
+    if len(levels) != 1:
+        raise ValueError(f"every chunk needs the same number of levels, got {sorted(levels)}")
+    _check_inputs(pred, target, distance, mask, next(iter(schedules.values())))
+    if len(chunks) != pred.shape[0]:
+        raise ValueError(
+            f"chunks must hold one entry per sample ({pred.shape[0]}), got {len(chunks)}"
+        )
+    runs = [(0, 0, next(iter(schedules.values())))] if len(chunks) == 0 else []
+    start = 0
+    for i in range(1, len(chunks) + 1):
+        if i == len(chunks) or chunks[i] != chunks[start]:
+            runs.append((start, i, schedules[chunks[start]]))
+            start = i
+    with torch.autocast(pred.device.type, enabled=False):
+        totals = None
+        for a, b, levels in runs:
+            terms = _dtm_terms(
+                pred[a:b],
+                target[a:b],
+                levels,
+                mode,
+                distance,
+                beta,
+                normalize_target,
+                None if mask is None else mask[a:b],
+                per_group,
+                generator,
             )
-        return torch.stack(losses).mean()
+            totals = (
+                terms
+                if totals is None
+                else [(n0 + n1, d0 + d1) for (n0, d0), (n1, d1) in zip(totals, terms)]
+            )
+        return torch.stack([num / den.clamp_min(1) for num, den in totals]).mean()
 
 
 class DTMLoss(nn.Module):
@@ -198,7 +248,8 @@ class DTMLoss(nn.Module):
     Args:
         num_levels: L, independent schedules per call (2 in the paper).
         n_max, k_max: scheduler bounds (default n_max = N of the input, k_max = 14).
-        scheduler: "release" or "paper" (see :func:`tokenmorph.morph.sample_schedule`), or "none"
+        scheduler: "release" or "paper" (see :func:`tokenmorph.morph.sample_schedules`: the
+            release draws the num_merge of every level, then the k of every level), or "none"
             for token-wise distillation.
         mode, distance, beta, normalize_target, per_group: as :func:`dtm_loss`.
         masked_only: use the ``mask`` passed to ``forward`` (else it is ignored: all tokens
@@ -239,6 +290,7 @@ class DTMLoss(nn.Module):
         self.rng = _random.Random(seed) if seed is not None else None
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.last_schedules: list[list[int]] = []
+        self.last_chunk_schedules: dict = {}
 
     def sample_schedules(self, num_tokens: int, rng=None) -> list[list[int]]:
         """L schedules from ``rng`` (a random.Random / torch.Generator), else the module's own
@@ -248,17 +300,15 @@ class DTMLoss(nn.Module):
             return [[] for _ in range(self.num_levels)]
         rng = self.rng if rng is None else rng
         n_max = num_tokens if self.n_max is None else min(self.n_max, num_tokens)
-        return [
-            sample_schedule(
-                num_tokens,
-                n_max,
-                self.k_max,
-                self.scheduler,
-                rng,
-                protect_first=self.mode == "reference",
-            )
-            for _ in range(self.num_levels)
-        ]
+        return sample_schedules(
+            self.num_levels,
+            num_tokens,
+            n_max,
+            self.k_max,
+            self.scheduler,
+            rng,
+            protect_first=self.mode == "reference",
+        )
 
     def forward(
         self,
@@ -266,11 +316,38 @@ class DTMLoss(nn.Module):
         target: torch.Tensor,
         mask: torch.Tensor | None = None,
         rng=None,
+        chunks: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """pred, target (B, N, D); mask (B, N) bool (used when ``masked_only``); ``rng`` seeds
-           this
-        call's schedules."""
+        """pred, target (B, N, D); mask (B, N) bool (used when ``masked_only``).
+
+        Without ``chunks``: one set of L schedules for the batch, drawn from ``rng`` (else the
+        module's own RNG). With ``chunks`` (B ints, the chunk of every sample): each chunk draws
+        its own L schedules from ``rng(chunk)`` (``rng`` is then a callable chunk -> RNG), see
+        :func:`dtm_loss`. ``last_schedules`` holds the schedules drawn, the
+        chunks' one after the other (``last_chunk_schedules``: chunk -> its schedules).
+        """
+        if chunks is not None:
+            if not callable(rng):
+                raise ValueError("with chunks, rng must be a callable chunk -> random generator")
+            self.last_chunk_schedules = {
+                c: self.sample_schedules(pred.shape[1], rng(c)) for c in dict.fromkeys(chunks)
+            }
+            self.last_schedules = [s for ss in self.last_chunk_schedules.values() for s in ss]
+            return dtm_loss(
+                pred,
+                target,
+                self.last_chunk_schedules,
+                mode=self.mode,
+                distance=self.distance,
+                beta=self.beta,
+                normalize_target=self.normalize_target,
+                mask=mask if self.masked_only else None,
+                per_group=self.per_group,
+                generator=self.generator,
+                chunks=list(chunks),
+            )
         self.last_schedules = self.sample_schedules(pred.shape[1], rng)
+        self.last_chunk_schedules = {0: self.last_schedules}
         return dtm_loss(
             pred,
             target,

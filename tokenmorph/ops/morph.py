@@ -37,6 +37,7 @@ __all__ = [
     "gram",
     "effective_schedule",
     "sample_schedule",
+    "sample_schedules",
     "spread_schedule",
     "identity_morph",
     "resolve_schedules",
@@ -260,6 +261,23 @@ def _uniform_int(low: int, high: int, generator) -> int:
     return int(torch.randint(low, high + 1, (1,), generator=generator).item())
 
 
+def _release_schedule(num_merge: int, k: int, n_max: int) -> list[int]:
+    """The release's rule: r = ceil(num_merge / k), floor when r * k > n_max; [r] * k."""
+    r = math.ceil(num_merge / k)
+    if r * k > n_max:
+        r = num_merge // k
+    return [r] * k
+
+
+def _check_schedule_bounds(scheduler: str, num_tokens: int, n_max: int, k_max: int) -> None:
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+    if k_max < 1:
+        raise ValueError(f"k_max must be >= 1, got {k_max}")
+    if not 0 <= n_max <= num_tokens:
+        raise ValueError(f"n_max must be in [0, num_tokens={num_tokens}], got {n_max}")
+
+
 def sample_schedule(
     num_tokens: int = 196,
     n_max: int | None = None,
@@ -271,9 +289,10 @@ def sample_schedule(
 ) -> list[int]:
     """Draw one dynamic morphing schedule (docs/method.md 1.4).
 
-    ``scheduler="release"`` (default): num_merge ~ U{0..n_max}, k ~ U{1..k_max};
+    ``scheduler="release"`` (default): num_merge ~ U{0..n_max}, k ~ U{1..k_max} (in this order);
     r = ceil(num_merge / k), or floor(num_merge / k) when r * k > n_max; schedule = [r] * k.
-    (The per-iteration cap then applies inside the morph, so fewer merges may happen.)
+    (The per-iteration cap then applies inside the morph, so fewer merges may happen.) Several
+    levels are drawn together by :func:`sample_schedules`, in the release's order.
 
     ``scheduler="paper"``: draw the number of remaining groups n_bar ~ U{min_groups..N} and
     k ~ U{1..k_max}; spread the N - n_bar merges over the iterations as evenly as the caps allow,
@@ -289,20 +308,11 @@ def sample_schedule(
             sets the caps used by the paper scheduler.
         min_groups: smallest n_bar of the paper scheduler.
     """
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-    if k_max < 1:
-        raise ValueError(f"k_max must be >= 1, got {k_max}")
     n_max = num_tokens if n_max is None else n_max
-    if not 0 <= n_max <= num_tokens:
-        raise ValueError(f"n_max must be in [0, num_tokens={num_tokens}], got {n_max}")
+    _check_schedule_bounds(scheduler, num_tokens, n_max, k_max)
     if scheduler == "release":
         num_merge = _uniform_int(0, n_max, generator)
-        k = _uniform_int(1, k_max, generator)
-        r = math.ceil(num_merge / k)
-        if r * k > n_max:
-            r = num_merge // k
-        return [r] * k
+        return _release_schedule(num_merge, _uniform_int(1, k_max, generator), n_max)
 
     floor_groups = 2 if protect_first else 1
     min_groups = max(min_groups, floor_groups)
@@ -311,6 +321,34 @@ def sample_schedule(
     n_bar = _uniform_int(min_groups, num_tokens, generator)
     k = _uniform_int(1, k_max, generator)
     return spread_schedule(num_tokens, n_bar, k, protect_first)
+
+
+def sample_schedules(
+    num_levels: int,
+    num_tokens: int = 196,
+    n_max: int | None = None,
+    k_max: int = 14,
+    scheduler: str = "release",
+    generator=None,
+    protect_first: bool = True,
+) -> list[list[int]]:
+    """The L schedules of one draw (one step of one chunk of the batch).
+
+    ``scheduler="release"``: the release's order of draws (engines/engine_for_dtm.py): the
+    num_merge of every level first, then the k of every level (nm1, nm2, k1, k2 for L = 2), each
+    schedule by :func:`sample_schedule`'s rule with the same ``n_max``. ``scheduler="paper"``:
+    :func:`sample_schedule` once per level (n_bar then k).
+    """
+    n_max = num_tokens if n_max is None else n_max
+    _check_schedule_bounds(scheduler, num_tokens, n_max, k_max)
+    if scheduler == "paper":
+        return [
+            sample_schedule(num_tokens, n_max, k_max, scheduler, generator, protect_first)
+            for _ in range(num_levels)
+        ]
+    merges = [_uniform_int(0, n_max, generator) for _ in range(num_levels)]
+    ks = [_uniform_int(1, k_max, generator) for _ in range(num_levels)]
+    return [_release_schedule(m, k, n_max) for m, k in zip(merges, ks)]
 
 
 def spread_schedule(

@@ -23,6 +23,8 @@ import yaml
 
 from ..errors import ConfigError
 from ..models.arch import DECODER_PRESETS, FRAMEWORKS, REL_POS, STUDENT_SIZES
+from ..models.layouts import REL_POS_INITS
+from ..models.student import STUDENT_INITS
 from ..models.teachers import TEACHER_NAMES, is_teacher_name
 from ..ops.degrade import DEGRADATIONS, default_zoom_out_content
 from ..ops.losses import DISTANCES, SCHEDULERS
@@ -177,6 +179,22 @@ class PretrainConfig(EngineConfig):
     layer_scale_init: float = field(
         default=0.1, metadata=dict(doc="LayerScale init value", min=0.0)
     )
+    rel_pos_bias: str = field(
+        default="both",
+        metadata=dict(
+            doc="framework=beit relative position bias: both (each block's own table + the "
+            "shared one, the DTM release's), shared, or per_block",
+            choices=REL_POS,
+        ),
+    )
+    init: str = field(
+        default="release",
+        metadata=dict(
+            doc="framework=beit student init: release (DTM's: trunc normal std 0.02 cut at "
+            "+-0.02, biases 0, per-layer output rescaling) or timm (timm's Beit init)",
+            choices=tuple(STUDENT_INITS),
+        ),
+    )
     # teacher
     teacher: str = field(
         default="clip-vit-b16", metadata=dict(doc=" | ".join(TEACHER_NAMES), check=is_teacher_name)
@@ -317,6 +335,14 @@ class PretrainConfig(EngineConfig):
     scheduler: str = field(
         default="release", metadata=dict(doc="dynamic scheduler", choices=SCHEDULERS)
     )
+    schedule_chunk: int = field(
+        default=128,
+        metadata=dict(
+            doc="images per schedule draw: one set of L schedules per chunk of the global batch, "
+            "seeded by (seed, step, chunk) (the release: one per GPU of 128 images)",
+            min=1,
+        ),
+    )
     morph_mode: str = field(
         default="reference", metadata=dict(doc="matching semantics", choices=MODES)
     )
@@ -325,7 +351,8 @@ class PretrainConfig(EngineConfig):
     )
     beta: float = field(default=2.0, metadata=dict(doc="smooth-L1 beta", min=0.0))
     normalize_target: bool = field(
-        default=False, metadata=dict(doc="standardise aggregated targets per token")
+        default=False,
+        metadata=dict(doc="standardise aggregated targets per token (unbiased variance, eps 1e-6)"),
     )
     loss_on: str = field(
         default="all", metadata=dict(doc="tokens in the loss", choices=("all", "masked"))
@@ -409,11 +436,12 @@ class FinetuneConfig(EngineConfig):
         ),
     )
     rel_pos_init: str = field(
-        default="per_block",
+        default="own_plus_shared",
         metadata=dict(
-            doc="per_block: every block gets its own relative position bias, initialised from the "
-            "shared one",
-            choices=REL_POS,
+            doc="each block's relative position table starts from its own + the shared one "
+            "(the release's documented launch), the shared one only (the script's default), its "
+            "own only, or the pre-trained layout as it is",
+            choices=tuple(REL_POS_INITS),
         ),
     )
     # data and augmentation

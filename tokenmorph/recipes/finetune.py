@@ -3,7 +3,10 @@
 pieces.
 
 timm's BEiT with a classification head (mean-pooled patch tokens + a new ``fc_norm``, or the CLS
-token), each block's relative position bias initialised from the pre-trained shared one,
+token), a relative position table per block started, as the DTM release's documented launch
+(``--init_both_rpb``), from the block's own pre-trained table plus the shared one
+(``rel_pos_init``: :data:`~tokenmorph.models.layouts.REL_POS_INITS`), weight decay on every
+weight but the class token and 1-D parameters (the release's rule: the tables are decayed),
 layer-wise lr decay (``timm.optim.param_groups_layer_decay``), RandAugment + random erasing
 (``timm.data.create_transform``), Mixup / CutMix with label smoothing (``timm.data.Mixup``), drop
 path; the same engine as pre-training (bf16, torchrun, exact resume, metrics.jsonl, progress),
@@ -21,7 +24,7 @@ and is ignored.
 from __future__ import annotations
 
 __all__ = [
-    "shared_to_per_block",
+    "finetune_no_weight_decay",
     "load_pretrained_student",
     "finetune_arch",
     "build_model",
@@ -35,14 +38,16 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------------
 # model
-def shared_to_per_block(state: dict, depth: int) -> dict:
-    """Copy the shared relative position bias table into every block (BEiT's fine-tuning init)."""
-    state = dict(state)
-    table = state.pop("rel_pos_bias.relative_position_bias_table", None)
-    if table is not None:
-        for i in range(depth):
-            state[f"blocks.{i}.attn.relative_position_bias_table"] = table.clone()
-    return state
+def finetune_no_weight_decay(model, arch: dict) -> set[str]:
+    """Names exempt from weight decay besides 1-D parameters (timm's layer-decay groups): for a
+    Beit the DTM release's fine-tuning skip list ``{pos_embed, cls_token}``, so the relative
+    position tables are decayed (timm's ``no_weight_decay()`` would exempt them); for an MAE ViT
+    timm's own list."""
+    from ..models.arch import timm_family
+
+    if timm_family(arch) == "beit":
+        return {"pos_embed", "cls_token"}
+    return set(model.no_weight_decay())
 
 
 def load_pretrained_student(spec: str):
@@ -79,19 +84,22 @@ def build_model(cfg, num_classes: int, student=None, source=None):
     added to the weights.
 
     The model is the timm class of the student's encoder (:mod:`tokenmorph.models.arch`): a Beit
-    for a BEiT student or a random init, with ``cfg.rel_pos_init``'s relative position bias; a
+    for a BEiT student or a random init, with a relative position table per block started by
+    ``cfg.rel_pos_init`` (or the student's own layout for ``as_pretrained``); a
     VisionTransformer for an MAE student, with a learnable ``pos_embed`` initialised from the
     pre-trained sin-cos one (``rel_pos_init`` does not apply)."""
     import timm
 
     from ..errors import CheckpointError
     from ..models.arch import framework_of, timm_encoder_kwargs, timm_model_name
+    from ..models.layouts import per_block_tables
 
     arch = finetune_arch(cfg, student)
     img_size = cfg.img_size or arch["img_size"]
+    keep = cfg.rel_pos_init == "as_pretrained"
     kwargs = timm_encoder_kwargs(
         arch,
-        rel_pos=cfg.rel_pos_init,
+        rel_pos=None if keep or framework_of(arch) == "mae" else "per_block",
         img_size=img_size,
         drop_path_rate=cfg.drop_path,
         num_classes=num_classes,
@@ -109,8 +117,8 @@ def build_model(cfg, num_classes: int, student=None, source=None):
 
                 state = checkpoint_filter_fn(state, model)
         else:
-            if cfg.rel_pos_init == "per_block":
-                state = shared_to_per_block(state, arch["depth"])
+            if not keep:
+                state = per_block_tables(state, arch["depth"], cfg.rel_pos_init)
             if (
                 img_size != arch["img_size"]
             ):  # resample the bias tables to the new grid, as timm does
@@ -308,7 +316,7 @@ def finetune(cfg, dist_info=None):
     groups = param_groups_layer_decay(
         model,
         cfg.weight_decay,
-        no_weight_decay_list=model.no_weight_decay(),
+        no_weight_decay_list=finetune_no_weight_decay(model, finetune_arch(cfg, student)),
         layer_decay=cfg.layer_decay,
     )
     compat = {

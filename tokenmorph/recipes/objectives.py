@@ -37,6 +37,7 @@ __all__ = [
     "zoom_ring_patches",
     "num_random_masked",
     "build_objective_degradation",
+    "build_block_masking",
     "view_side",
 ]
 
@@ -68,6 +69,12 @@ def build_objective_degradation(cfg):
     )
 
 
+def build_block_masking(cfg, grid: tuple[int, int]) -> BlockMasking:
+    """The BEiT framework's mask generator of a config: ``num_masked`` patches, block target
+    areas from ``min_mask_block`` (the release's generator; no floor at ``num_masked``)."""
+    return BlockMasking(grid, cfg.num_masked, min_num_patches=cfg.min_mask_block)
+
+
 def view_side(cfg) -> int:
     """Side of the crop the data loader makes for a config (the zoom-in view, else img_size)."""
     return build_objective_degradation(cfg).view_side
@@ -85,6 +92,7 @@ class PretrainObjective:
 
     def __init__(self, teacher, grid: tuple[int, int], cfg) -> None:
         self.teacher, self.grid, self.seed = teacher, tuple(grid), cfg.seed
+        self.schedule_chunk = cfg.schedule_chunk
         self.framework, self.loss_kind = cfg.framework, resolve_loss(cfg)
         self.ring = zoom_ring_patches(cfg)
         self.ring_weight = cfg.ring_loss_weight
@@ -94,11 +102,7 @@ class PretrainObjective:
         self.block_masking = self.num_random = None
         if self.degradation.masked:
             if cfg.framework == "beit":
-                self.block_masking = BlockMasking(
-                    self.grid,
-                    cfg.num_masked,
-                    min_num_patches=min(cfg.min_mask_block, max(cfg.num_masked, 1)),
-                )
+                self.block_masking = build_block_masking(cfg, self.grid)
             else:
                 self.num_random = num_random_masked(n, cfg.mask_ratio)
         self.criterion = None
@@ -139,7 +143,7 @@ class PretrainObjective:
 
     def __call__(self, model, batch: dict, step: int):
         d, mask = self.degrade(batch, step)
-        return self.loss(model(d.inputs, mask), d, mask, step)
+        return self.loss(model(d.inputs, mask), d, mask, step, batch.get("positions"))
 
     def degrade(self, batch: dict, step: int):
         """(:class:`~tokenmorph.ops.degrade.Degraded`, (B, N) bool mask or None) of a batch at
@@ -155,33 +159,48 @@ class PretrainObjective:
         }
         return self.degradation.apply(batch["images"], params), mask
 
-    def loss(self, pred, d, mask, step: int):
+    def loss(self, pred, d, mask, step: int, positions=None):
         """(loss, logs) of the student's prediction (B, N, target_dim) for :meth:`degrade`'s
-        output."""
+        output; ``positions``: the samples' places in their global batch (default 0..B-1)."""
         # the mask marks input-frame tokens; a misaligned output frame has no masked tokens of
         # its own
         out_mask = mask if self.degradation.aligned else None
-        return self._loss(pred, d, mask, out_mask, step)
+        return self._loss(pred, d, mask, out_mask, step, positions)
 
-    def _dtm_loss(self, pred, d, mask, out_mask, step: int):
+    def schedule_chunks(self, positions, batch_size: int) -> list[int]:
+        """The schedule chunk of every sample: its position in the global batch //
+        ``schedule_chunk``."""
+        positions = range(batch_size) if positions is None else positions
+        return [p // self.schedule_chunk for p in positions]
+
+    def schedule_rng(self, step: int):
+        """chunk -> the random generator of that chunk's schedules at ``step``."""
+        return lambda chunk: random.Random(mix_seed(self.seed, step, 0xD7, chunk))
+
+    def _dtm_loss(self, pred, d, mask, out_mask, step: int, positions):
         target = self.teacher(d.target, self.grid)
-        # one schedule draw per step for the whole batch, identical on every rank
+        # one set of schedules per chunk of the global batch, seeded by (seed, step, chunk): the
+        # same whichever rank or micro-batch a sample is in (the release: one set per GPU)
         loss = self.criterion(
-            pred, target, out_mask, rng=random.Random(mix_seed(self.seed, step, 0xD7))
+            pred,
+            target,
+            out_mask,
+            rng=self.schedule_rng(step),
+            chunks=self.schedule_chunks(positions, pred.shape[0]),
         )
         n = pred.shape[1]
         protect = self.criterion.mode == "reference"
         groups = [n - sum(effective_schedule(n, s, protect)) for s in self.criterion.last_schedules]
         return loss, {"groups": sum(groups) / len(groups)}
 
-    def _zoom_in_mask_loss(self, pred, d, mask, out_mask, step: int):
+    def _zoom_in_mask_loss(self, pred, d, mask, out_mask, step: int, positions):
         g = self.grid[0]
         view_target = self.teacher(d.view, (g + 2 * self.ring,) * 2)
         return zoom_in_mask_loss(
             pred, view_target, mask, self.patch_size, g, self.ring, self.ring_weight
         )
 
-    def _mse_loss(self, pred, d, mask, out_mask, step: int):
+    def _mse_loss(self, pred, d, mask, out_mask, step: int, positions):
         # MAE: the masked tokens when the input is masked; every token for the other degradations
         # (and for zoom_in_mask with teacher tokens: the teacher's tokens of the whole view)
         return patch_mse(pred, self.teacher(d.target, self.grid), out_mask), {}

@@ -79,6 +79,8 @@ def build_student_and_teacher(cfg: PretrainConfig, device: torch.device, mean=No
             mean=mean,
             std=std,
             depth=cfg.depth,
+            rel_pos=cfg.rel_pos_bias,
+            init=cfg.init,
         ).to(device)
     student.grad_checkpointing = cfg.grad_checkpointing
     return student, teacher

@@ -8,8 +8,9 @@ exact resume, logs (:mod:`.run_logger`), and the control of the loop (``stop_aft
 ``save_every``, signals).
 
 Exact resume: the data order and every sample's randomness are functions of (seed, epoch, index)
-(:mod:`.sampling`), and the training RNG (drop path, schedules) is re-seeded from (seed, step,
-rank) at every step. So a checkpoint needs only the step, the model and the optimiser state; no
+(:mod:`.sampling`), the training RNG (drop path) is re-seeded from (seed, step, rank) at every
+step, and DTM's schedules are drawn from (seed, step, chunk of the global batch) by the
+objective. So a checkpoint needs only the step, the model and the optimiser state; no
 RNG state is saved.
 """
 

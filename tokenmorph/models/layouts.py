@@ -1,0 +1,247 @@
+"""State-dict layouts: pure functions between the key layouts of encoders and of the official
+releases' checkpoints, and tokenmorph's students. No files are read here (that is
+:mod:`tokenmorph.hub.release_weights`); every function takes and returns plain dicts of tensors.
+
+Sections, one per layout:
+
+* **relative position bias of a timm Beit** (:func:`per_block_tables`): a "shared", "per_block"
+  or "both" encoder state (:data:`tokenmorph.models.arch.REL_POS`) to the per-block layout that
+  fine-tuning and export use, by one of the rules of :data:`REL_POS_INITS`;
+* **the DTM release** (naver-ai/dtm ``models/modeling_dtm.py``, the ``model`` entry of its
+  ``checkpoint-*.pth``; BEiT v2's names): :func:`dtm_release_arch` reads the architecture from
+  the keys and shapes, :func:`dtm_release_to_student` renames the keys to a
+  :class:`~tokenmorph.models.MaskedViTStudent`'s and checks the position indices.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import CheckpointError
+
+__all__ = [
+    "REL_POS_INITS",
+    "SHARED_TABLE",
+    "per_block_tables",
+    "release_relative_position_index",
+    "LayoutReport",
+    "DTM_RELEASE_RENAMES",
+    "dtm_release_arch",
+    "dtm_release_to_student",
+]
+
+
+# ------------------------------------------------------------------------------------------
+# relative position bias of a timm Beit encoder
+SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
+_BLOCK_TABLE = "blocks.{}.attn.relative_position_bias_table"
+
+# fine-tuning's start of every block's table -> (what it does, the DTM release's flag)
+REL_POS_INITS = {
+    "own_plus_shared": "each block's own table plus the shared one (a missing one counts as "
+    "zero): the release's documented launch, --init_both_rpb",
+    "shared_only": "every block starts from the shared table; blocks' own tables are dropped: "
+    "the release script's default --init_srpb_only (BEiT v2's)",
+    "own_only": "blocks keep their own tables; the shared one is dropped: --init_rpb_only",
+    "as_pretrained": "the fine-tuning model keeps the pre-trained layout and tables as they are",
+}
+
+
+def per_block_tables(state: dict, depth: int, rule: str = "own_plus_shared") -> dict:
+    """A timm Beit encoder state with one relative position table per block and no shared one.
+
+    Args:
+        state: an encoder ``state_dict`` of any layout ("shared", "per_block", "both").
+        depth: its number of blocks.
+        rule: ``own_plus_shared``, ``shared_only`` or ``own_only`` (:data:`REL_POS_INITS`).
+            ``own_plus_shared`` of a "both" state computes the same function (the bias a block
+            adds before the softmax is its own table's plus the shared table's, entry by entry,
+            and both use the same index).
+
+    Returns:
+        A new dict (the input is not modified); tables are fresh tensors.
+
+    Raises:
+        CheckpointError: ``shared_only`` without a shared table, ``own_only`` without per-block
+            tables.
+        ValueError: an unknown rule.
+    """
+    if rule not in ("own_plus_shared", "shared_only", "own_only"):
+        raise ValueError(f"rule must be own_plus_shared, shared_only or own_only, got {rule!r}")
+    state = dict(state)
+    shared = state.pop(SHARED_TABLE, None)
+    own = [state.get(_BLOCK_TABLE.format(i)) for i in range(depth)]
+    if rule == "shared_only" and shared is None:
+        raise CheckpointError(
+            "rel_pos_init=shared_only needs a shared relative position table; this encoder has "
+            "per-block tables only: use own_only or own_plus_shared"
+        )
+    if rule == "own_only" and any(t is None for t in own):
+        raise CheckpointError(
+            "rel_pos_init=own_only needs a relative position table in every block; this encoder "
+            "has a shared table only: use shared_only or own_plus_shared"
+        )
+    for i, table in enumerate(own):
+        if rule == "shared_only" or table is None:
+            new = shared.clone()
+        elif rule == "own_only" or shared is None:
+            new = table.clone()
+        else:
+            new = table + shared
+        state[_BLOCK_TABLE.format(i)] = new
+    return state
+
+
+def release_relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
+    """The (1 + N, 1 + N) int64 index into a (2h - 1)(2w - 1) + 3 table that BEiT's releases
+    store as ``relative_position_index`` (the same as timm's, which does not store it)."""
+    from timm.models.beit import gen_relative_position_index
+
+    return gen_relative_position_index(tuple(grid))
+
+
+@dataclass
+class LayoutReport:
+    """What a layout conversion did.
+
+    Attributes:
+        layout: the source layout's name (e.g. "dtm-release").
+        renamed: rule ("SOURCE_PREFIX -> TARGET_PREFIX") -> number of keys it renamed.
+        checked: keys verified and dropped (each ``relative_position_index``: equal to the index
+            the target computes itself).
+        arch: what the source's keys and shapes say about the architecture.
+    """
+
+    layout: str
+    renamed: dict = field(default_factory=dict)
+    checked: list = field(default_factory=list)
+    arch: dict = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        """The report as text, one line per rule."""
+        out = [f"{self.layout}: {sum(self.renamed.values())} keys mapped"]
+        out += [f"  {rule}: {n}" for rule, n in self.renamed.items()]
+        if self.checked:
+            out.append(
+                f"  {len(self.checked)} relative_position_index buffers equal to ours, dropped"
+            )
+        return out
+
+
+# ------------------------------------------------------------------------------------------
+# the DTM release (naver-ai/dtm), keys without prefix
+# release prefix -> student prefix, first match wins; every key must match one
+DTM_RELEASE_RENAMES = (
+    ("lm_head.", "head."),
+    ("mask_token", "mask_token"),
+    ("cls_token", "encoder.cls_token"),
+    ("patch_embed.", "encoder.patch_embed."),
+    ("rel_pos_bias.", "encoder.rel_pos_bias."),
+    ("blocks.", "encoder.blocks."),
+    ("norm.", "encoder.norm."),
+)
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
+
+
+def _grid_of_table(rows: int) -> int:
+    side = round(((rows - 3) ** 0.5 + 1) / 2)
+    if (2 * side - 1) ** 2 + 3 != rows:
+        raise CheckpointError(
+            f"a relative position table of {rows} rows does not belong to a square grid"
+        )
+    return side
+
+
+def dtm_release_arch(state: dict) -> dict:
+    """The architecture of a DTM release state dict, read from its keys and shapes.
+
+    Returns:
+        ``student_arch`` keys (framework "beit", img_size, patch_size, embed_dim, depth,
+        num_heads, init_values, rel_pos) and ``target_dim`` (the ``lm_head``'s width).
+
+    Raises:
+        CheckpointError: not a DTM release state dict (no ``patch_embed.proj.weight``, no
+            ``lm_head.weight`` or no block), an absolute position embedding (the student has
+            none), or no relative position table to read the heads from.
+    """
+    needed = ("patch_embed.proj.weight", "lm_head.weight", "cls_token")
+    missing = [k for k in needed if k not in state]
+    depth = 1 + max((int(m.group(1)) for k in state if (m := _BLOCK.match(k))), default=-1)
+    if missing or depth == 0:
+        raise CheckpointError(
+            f"not a DTM release state dict: no {', '.join(missing) or 'blocks.*'} entries"
+        )
+    if "pos_embed" in state:
+        raise CheckpointError(
+            "this DTM release checkpoint has an absolute position embedding (pos_embed); the "
+            "student has relative position bias only"
+        )
+    shared = SHARED_TABLE in state
+    per_block = _BLOCK_TABLE.format(0) in state
+    table = state.get(SHARED_TABLE, state.get(_BLOCK_TABLE.format(0)))
+    if table is None:
+        raise CheckpointError(
+            "this DTM release checkpoint has no relative position table; its number of heads "
+            "cannot be read"
+        )
+    weight = state["patch_embed.proj.weight"]
+    embed_dim, patch = int(weight.shape[0]), int(weight.shape[-1])
+    grid = _grid_of_table(int(table.shape[0]))
+    return dict(
+        framework="beit",
+        img_size=grid * patch,
+        patch_size=patch,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=int(table.shape[1]),
+        init_values=0.1 if "blocks.0.gamma_1" in state else 0.0,
+        rel_pos="both" if shared and per_block else "shared" if shared else "per_block",
+        target_dim=int(state["lm_head.weight"].shape[0]),
+    )
+
+
+def dtm_release_to_student(state: dict) -> tuple[dict, LayoutReport]:
+    """A DTM release state dict (the ``model`` of its checkpoint) as a
+    :class:`~tokenmorph.models.MaskedViTStudent` state dict of :func:`dtm_release_arch`'s
+    architecture.
+
+    Every key is renamed by the first matching rule of :data:`DTM_RELEASE_RENAMES` (``lm_head``
+    -> ``head``, ``mask_token`` kept, the rest under ``encoder.``); every
+    ``relative_position_index`` must equal the index of the grid (a table indexed otherwise
+    would mean other offsets) and is dropped, as timm computes its own. The caller loads the
+    result strictly.
+
+    Raises:
+        CheckpointError: a key no rule matches, or a position index that differs.
+    """
+    arch = dtm_release_arch(state)
+    side = arch["img_size"] // arch["patch_size"]
+    expected = release_relative_position_index((side, side))
+    report = LayoutReport("dtm-release", arch=arch)
+    out = {}
+    for key, value in state.items():
+        if key.endswith("relative_position_index"):
+            if tuple(value.shape) != tuple(expected.shape) or not torch.equal(
+                value.to(torch.long), expected
+            ):
+                raise CheckpointError(
+                    f"{key} differs from the relative position index of a {side}x{side} grid; "
+                    "the tables of this checkpoint are indexed differently"
+                )
+            report.checked.append(key)
+            continue
+        for src, dst in DTM_RELEASE_RENAMES:
+            if key.startswith(src):
+                out[dst + key[len(src) :]] = value
+                rule = f"{src}* -> {dst}*"
+                report.renamed[rule] = report.renamed.get(rule, 0) + 1
+                break
+        else:
+            raise CheckpointError(
+                f"DTM release key {key!r} has no counterpart in the student; the checkpoint is "
+                "not DTM's pre-training model"
+            )
+    return out, report
