@@ -6,6 +6,7 @@ from dataclasses import fields
 import pytest
 
 from tokenmorph.commands import COMMANDS
+from tokenmorph.data.transforms import INTERPOLATIONS
 from tokenmorph.errors import ConfigError
 from tokenmorph.eval import PROTOCOLS
 from tokenmorph.models.arch import DECODER_PRESETS, FRAMEWORKS, REL_POS, STUDENT_SIZES
@@ -42,6 +43,7 @@ def choices(cls, key):
         ("pixel_norm", PIXEL_NORMS),
         ("precision", PRECISIONS),
         ("lr_scaling", LR_SCALING),
+        ("crop_interpolation", INTERPOLATIONS),
     ],
 )
 def test_pretrain_choices_are_the_registries(key, registry):

@@ -7,7 +7,9 @@ from (seed, step, rank) at every step):
   global batches, each cut into accumulation micro-batches and then rank shards; the position is
   the step;
 * every sample's augmentation (and mask) is seeded by (seed, epoch, index), whichever worker
-  loads it.
+  loads it;
+* every sample carries its position in the global batch (``batch["positions"]``), so that what is
+  drawn per chunk of the global batch (``chunk_size``) is the same whatever the process count.
 
 So changing the number of processes keeps the same global batches, hence the same training where
 no per-rank randomness enters.
@@ -44,11 +46,13 @@ def check_batch_layout(batch_size: int, accum_steps: int, world_size: int) -> No
 
 
 class KeyedDataset(Dataset):
-    """Wraps a dataset so that item ``(index, epoch)`` is reproducible wherever it is loaded.
+    """Wraps a dataset so that item ``(index, epoch[, position])`` is reproducible wherever it is
+    loaded.
 
     Before loading, torch's, Python's and NumPy's RNGs are seeded from (seed, epoch, index); an
     optional ``extra_fn(rng)`` (e.g. a mask generator) draws from a NumPy generator with the same
-    seed. Returns ``(image, label, extra)`` or None for a skipped (undecodable) sample.
+    seed. Returns ``(image, label, extra, position)`` (position: the sample's place in its global
+    batch, None when the key has none) or None for a skipped (undecodable) sample.
     """
 
     def __init__(self, dataset: Dataset, seed: int, extra_fn: Callable | None = None) -> None:
@@ -58,7 +62,7 @@ class KeyedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        index, epoch = key
+        index, epoch, *position = key
         s = mix_seed(self.seed, epoch, index)
         seed_all(s)
         item = self.dataset[index]
@@ -66,13 +70,14 @@ class KeyedDataset(Dataset):
             return None
         image, label = item
         extra = self.extra_fn(np.random.default_rng(s)) if self.extra_fn is not None else None
-        return image, label, extra
+        return image, label, extra, position[0] if position else None
 
 
 def collate_keyed(batch: list) -> dict:
-    """Stack the kept items of a :class:`KeyedDataset` batch; count the skipped ones. Returns
-    ``{"images": (B, 3, S, S), "labels": (B,), "extra": None | (B, ...) | {name: (B, ...)},
-    "skipped": int}``."""
+    """Stack the kept items of a :class:`KeyedDataset` batch (``(image, label, extra[,
+    position])``); count the skipped ones. Returns ``{"images": (B, 3, S, S), "labels": (B,),
+    "extra": None | (B, ...) | {name: (B, ...)}, "positions": (B,) int64 or None (items without
+    one), "skipped": int}``."""
     images, labels, skipped = collate_skip([None if b is None else (b[0], b[1]) for b in batch])
     kept = [b for b in batch if b is not None]
     extra = None
@@ -82,7 +87,15 @@ def collate_keyed(batch: list) -> dict:
         extra = {k: torch.stack([torch.as_tensor(b[2][k]) for b in kept]) for k in kept[0][2]}
     elif kept and kept[0][2] is not None:
         extra = torch.stack([torch.as_tensor(b[2]) for b in kept])
-    return {"images": images, "labels": labels, "extra": extra, "skipped": skipped}
+    positions = [b[3] if len(b) > 3 else None for b in kept]
+    positions = None if not kept or None in positions else torch.tensor(positions)
+    return {
+        "images": images,
+        "labels": labels,
+        "extra": extra,
+        "positions": positions,
+        "skipped": skipped,
+    }
 
 
 def batch_to_device(batch: dict, device: torch.device) -> dict:
@@ -148,19 +161,17 @@ class StepBatchSampler(Sampler):
             self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
         return self._perm
 
-    def keys_for_step(self, step: int) -> list[list[tuple[int, int]]]:
-        """This rank's micro-batches of step ``step``: ``accum_steps`` lists of ``(index,
-        epoch)``."""
+    def keys_for_step(self, step: int) -> list[list[tuple[int, int, int]]]:
+        """This rank's micro-batches of step ``step``: ``accum_steps`` lists of ``(index, epoch,
+        position)``, position = the sample's place in the global batch."""
         epoch, b = divmod(step, self.steps_per_epoch)
         batch = self._permutation(epoch)[
             b * self.global_batch : (b + 1) * self.global_batch
         ].tolist()
         out = []
         for a in range(self.accum):
-            micro = batch[a * self.micro : (a + 1) * self.micro]
-            out.append(
-                [(i, epoch) for i in micro[self.rank * self.shard : (self.rank + 1) * self.shard]]
-            )
+            start = a * self.micro + self.rank * self.shard
+            out.append([(batch[q], epoch, q) for q in range(start, start + self.shard)])
         return out
 
     def __iter__(self):
