@@ -34,6 +34,8 @@ from tokenmorph.recipes.objectives import (
 )
 from tokenmorph.runtime.sampling import collate_keyed
 
+from .helpers import random_masks
+
 IMNET_MEAN = np.array([0.485, 0.456, 0.406])
 IMNET_STD = np.array([0.229, 0.224, 0.225])
 
@@ -377,14 +379,6 @@ def test_output_to_view_recovers_the_view_from_the_output_frame():
         assert np.abs(b[:, rs, cs] - v[:, rs, cs]).mean() < 0.03
 
 
-def _masks(B, n, k, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(B, n, dtype=torch.bool)
-    for b in range(B):
-        mask[b, torch.randperm(n, generator=g)[:k]] = True
-    return mask
-
-
 @pytest.mark.parametrize("V,p,r", [(288, 16, 32), (40, 4, 4), (80, 8, 16)])
 def test_zoom_in_mask_loss_equals_the_release_rule_on_photos(V, p, r):
     """The best practice's loss through the objective's targets (input frame for the masked
@@ -395,7 +389,7 @@ def test_zoom_in_mask_loss_equals_the_release_rule_on_photos(V, p, r):
     g = S // p
     inputs, target = zoom_in(views, r)
     pred = torch.randn(2, g * g, p * p * 3, generator=torch.Generator().manual_seed(V))
-    mask = _masks(2, g * g, num_random_masked(g * g, 0.75))
+    mask = random_masks(2, g * g, num_random_masked(g * g, 0.75))
     t = PixelTeacher(p)
     loss, parts = zoom_in_mask_loss(pred, t(inputs, (g, g)), t(target, (g, g)), mask, p, g, r // p)
     ref, ref_masked, ref_ring = ref_release_zoom_in_mask_loss(pred, views, mask, p, r)
@@ -425,7 +419,7 @@ def test_zoom_in_mask_loss_oracle_prediction_beats_misaligned_one():
     views = torch.cat([photo("astronaut", 288), photo("chelsea", 288)])
     inputs, target = zoom_in(views, 32)
     g, r, p = 14, 2, 16
-    mask = _masks(2, g * g, 147)
+    mask = random_masks(2, g * g, 147)
     for t in (PixelTeacher(p, norm="none"), PixelTeacher(p)):
         it, ot = t(inputs, (g, g)), t(target, (g, g))
         oracle, parts_o = zoom_in_mask_loss(ot, it, ot, mask, p, g, r)
@@ -513,7 +507,7 @@ def test_zoom_out_loss_equals_the_release_rule_on_photos():
     content = torch.cat([photo("astronaut", 160), photo("rocket", 160)])
     offsets = torch.tensor([[5, 60], [63, 0]])
     pred = torch.randn(2, 196, 768, generator=torch.Generator().manual_seed(1))
-    mask = _masks(2, 196, 147, seed=3)
+    mask = random_masks(2, 196, 147, seed=3)
     target = PixelTeacher(16)(torch.nn.functional.interpolate(content, 224, mode="area"), (14, 14))
     loss = zoom_out_loss(pred, target, mask, 16, (14, 14), 160, offsets)
     ref = ref_release_zoom_out_loss(pred, content, mask, offsets.tolist(), 16, 224)

@@ -20,16 +20,8 @@ from tokenmorph.recipes.objectives import (
 )
 from tokenmorph.recipes.pretrain import decoder_shape
 
-from .helpers import final_weights, read_metrics, run_cli
+from .helpers import final_weights, random_masks, read_metrics, run_cli
 from .mae_reference import ReferenceMAE, mae_sincos_2d
-
-
-def _random_masks(B, N, num_masked, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(B, N, dtype=torch.bool)
-    for b in range(B):
-        mask[b, torch.randperm(N, generator=g)[:num_masked]] = True
-    return mask
 
 
 def test_encoder_sees_only_visible_tokens_per_sample():
@@ -41,7 +33,7 @@ def test_encoder_sees_only_visible_tokens_per_sample():
         "tiny", target_dim=48, img_size=32, patch_size=4, depth=2, decoder_depth=1, decoder_dim=64
     ).eval()
     x = torch.rand(3, 3, 32, 32)
-    mask = _random_masks(3, 64, 48)
+    mask = random_masks(3, 64, 48)
     latent = m.forward_features(x, RandomMask.from_mask(mask))
     assert latent.shape == (3, 1 + 16, 192)
     enc = m.encoder
