@@ -542,11 +542,8 @@ def test_mae_initialisation_is_maes():
     b = m.encoder.patch_embed.proj.bias
     assert b.abs().max() <= 768**-0.5 and b.abs().max() > 0.9 * 768**-0.5
     for name, p in m.named_parameters():
-        if name.endswith("bias") and "patch_embed" not in name:
-            if "norm" in name:
-                assert torch.equal(p, torch.zeros_like(p)), name
-            else:
-                assert torch.equal(p, torch.zeros_like(p)), name
+        if name.endswith("bias") and "patch_embed" not in name:  # Linear and LayerNorm: 0
+            assert torch.equal(p, torch.zeros_like(p)), name
         if "norm" in name and name.endswith("weight"):
             assert torch.equal(p, torch.ones_like(p)), name
     tokens = torch.cat([m.encoder.cls_token.flatten(), m.mask_token.flatten()])
