@@ -33,3 +33,12 @@ def read_metrics(run_dir):
 def final_weights(run_dir):
     ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"))
     return torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+
+
+def random_masks(B, N, num_masked, seed=0):
+    """(B, N) bool masks with ``num_masked`` True per row, each a seeded random subset."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    for b in range(B):
+        mask[b, torch.randperm(N, generator=g)[:num_masked]] = True
+    return mask

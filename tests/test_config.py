@@ -64,7 +64,7 @@ def test_dtm_recipes_choose_the_release_rows():
     """docs/fidelity.md's DTM rows: what the paper and release recipes (and the defaults) pick."""
     for name in ("vit-s16-in1k", "vit-b16-in1k", "vit-l16-in1k", "vit-b16-in1k-release", "smoke"):
         c = load_config(name)
-        assert (c.rel_pos_bias, c.init, c.schedule_chunk, c.normalize_target) == (
+        assert (c.rel_pos_bias, c.init, c.chunk_size, c.normalize_target) == (
             "both",
             "release",
             128,

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from tokenmorph.recipes.config import EngineConfig
 from tokenmorph.runtime.distributed import DistInfo
 from tokenmorph.runtime.engine import Engine
-from tokenmorph.runtime.sampling import KeyedDataset, StepBatchSampler
+from tokenmorph.runtime.sampling import KeyedDataset, StepBatchSampler, collate_keyed
 from tokenmorph.runtime.seeding import mix_seed
 
 
@@ -25,6 +25,8 @@ def expected_global_batch(n, global_batch, seed, step):
 
 
 def test_sampler_shards_are_the_global_batch_in_order():
+    """Keys are (index, epoch, position): the global batch in order, and each sample's position
+    in it (what per-chunk draws use), whatever the ranks and accumulation steps."""
     n, batch, seed = 103, 24, 5  # 4 steps per epoch, 7 images dropped each epoch
     for accum, world in [(1, 1), (2, 1), (1, 3), (2, 2), (4, 3)]:
         samplers = [StepBatchSampler(n, batch, accum, r, world, seed) for r in range(world)]
@@ -140,3 +142,16 @@ def test_a_micro_batch_without_images_is_skipped_and_counted(tmp_path):
     assert summary["skipped_images"] == 4 and summary["images_seen"] == 4
     assert summary["skipped_steps"] == 0 and torch.isfinite(torch.tensor(summary["final_loss"]))
     assert not torch.equal(before, model.weight)  # the other micro-batch still trained the model
+
+
+def test_batches_carry_global_positions_past_skipped_samples():
+    """Every loaded sample keeps its position in the global batch (rank 1 of 2, accumulation
+    step 1 of 2 holds positions 6 and 7 of 8), also when a sample of the batch is skipped."""
+    sampler = StepBatchSampler(8, 8, 2, 1, 2, seed=3)
+    keys = sampler.keys_for_step(0)[1]
+    assert [q for _, _, q in keys] == [6, 7]
+    bad = keys[0][0]
+    ds = KeyedDataset(Points(8, bad={bad}), seed=0)
+    batch = collate_keyed([ds[k] for k in keys])
+    assert list(batch["positions"]) == [7] and batch["skipped"] == 1
+    assert collate_keyed([(torch.zeros(3), 0.0, None)])["positions"] is None

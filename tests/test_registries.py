@@ -6,6 +6,7 @@ from dataclasses import fields
 import pytest
 
 from tokenmorph.commands import COMMANDS
+from tokenmorph.data.transforms import INTERPOLATIONS
 from tokenmorph.errors import ConfigError
 from tokenmorph.eval import PROTOCOLS
 from tokenmorph.models.arch import DECODER_PRESETS, FRAMEWORKS, REL_POS, STUDENT_SIZES
@@ -46,6 +47,7 @@ def choices(cls, key):
         ("lr_scaling", LR_SCALING),
         ("rel_pos_bias", REL_POS),
         ("init", STUDENT_INITS),
+        ("crop_interpolation", INTERPOLATIONS),
     ],
 )
 def test_pretrain_choices_are_the_registries(key, registry):

@@ -103,7 +103,7 @@ def test_processes_and_micro_batches_give_the_same_per_sample_schedules():
     """One process against the same global batch of 16 split into 2 ranks x 2 micro-batches, and
     into 4 micro-batches (chunks of 4 images): every sample gets the same schedules, and the mean
     of the micro-batch losses is the one-process loss."""
-    cfg = load_config("smoke", {"schedule_chunk": 4, "batch_size": 16})
+    cfg = load_config("smoke", {"chunk_size": 4, "batch_size": 16})
     torch.manual_seed(0)
     student = create_student("tiny", target_dim=16, img_size=32, patch_size=4, depth=2).eval()
     objective = PretrainObjective(build_teacher("pixels", patch_size=4), student.grid, cfg)
@@ -124,7 +124,7 @@ def test_processes_and_micro_batches_give_the_same_per_sample_schedules():
                 )
                 objective.teacher = lambda images, grid, t=target: t
                 losses.append(float(objective.loss(pred, d, mask, step, batch["positions"])[0]))
-                chunks = objective.schedule_chunks(batch["positions"], len(keys))
+                chunks = objective.chunks(batch["positions"], len(keys))
                 for (index, _, position), chunk in zip(keys, chunks):
                     per_sample[index] = (position, objective.criterion.last_chunk_schedules[chunk])
         return per_sample, float(np.mean(losses))

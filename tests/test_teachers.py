@@ -240,8 +240,13 @@ def test_timm_tiny_vit_and_cnn():
 
 
 def _numpy_pixels(img, p, norm):
-    """(3, H, W) array -> (N, p*p*3) targets, one patch at a time."""
+    """(3, H, W) array -> (N, p*p*3) targets, one patch at a time: per channel (Beyond Masking)
+    or jointly over the ImageNet-normalised patch with the unbiased variance (MAE's
+    norm_pix_loss; the test encoded the biased variance of [0, 1] pixels before issue 12)."""
     C, H, W = img.shape
+    if norm == "joint":
+        mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+        img = (img - mean[:, None, None]) / std[:, None, None]
     rows = []
     for i in range(0, H, p):
         for j in range(0, W, p):
@@ -249,7 +254,7 @@ def _numpy_pixels(img, p, norm):
             if norm == "per_channel":
                 patch = (patch - patch.mean(0)) / (patch.std(0, ddof=1) + 1e-6)
             else:
-                patch = (patch - patch.mean()) / np.sqrt(patch.var() + 1e-6)
+                patch = (patch - patch.mean()) / np.sqrt(patch.var(ddof=1) + 1e-6)
             rows.append(patch.reshape(-1))
     return np.stack(rows)
 

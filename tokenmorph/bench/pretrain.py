@@ -253,10 +253,9 @@ def bench_objectives(
                 drop_path=0.0 if framework == "mae" else 0.1,
                 seed=seed,
             ).validate()
-            student, t_model = build_student_and_teacher(
-                cfg, dev, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-            )
-            obj = PretrainObjective(t_model, student.grid, cfg)
+            stats = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+            student, t_model = build_student_and_teacher(cfg, dev, *stats)
+            obj = PretrainObjective(t_model, student.grid, cfg, stats)
             rng = np.random.default_rng(seed)
             side = obj.degradation.view_side
             images = torch.rand(

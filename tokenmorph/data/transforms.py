@@ -10,6 +10,7 @@ from torchvision import transforms as T
 from .images import to_rgb
 
 __all__ = [
+    "INTERPOLATIONS",
     "TINY_IMAGE_SIDE",
     "DEFAULT_CROP_PCT",
     "ToRGB",
@@ -29,6 +30,10 @@ class ToRGB:
 
     def __repr__(self) -> str:
         return "ToRGB()"
+
+
+# the crop interpolations by name (torchvision's modes): the config's ``crop_interpolation`` choices
+INTERPOLATIONS = tuple(m.value for m in T.InterpolationMode)
 
 
 def _interpolation(name: str) -> T.InterpolationMode:

@@ -35,9 +35,9 @@ STUDENT_SIZES = {
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
 }
-# MAE-framework decoder preset -> (depth, width); heads = width / 32 (12 for 384, 16 for 512 as
-# in MAE)
-DECODER_PRESETS = {"release": (4, 384), "mae": (8, 512)}
+# MAE-framework decoder preset -> (depth, width, heads): Beyond Masking's release 4 x 384 with 6
+# heads (head dim 64), MAE's 8 x 512 with 16 heads (head dim 32)
+DECODER_PRESETS = {"release": (4, 384, 6), "mae": (8, 512, 16)}
 # pre-training framework -> timm model family of its encoder
 FRAMEWORKS = {"beit": "beit", "mae": "vit"}
 # where a Beit keeps its relative position bias: one table shared by every block, one per block,

@@ -2,16 +2,19 @@
 
 The encoder *is* timm's ``VisionTransformer`` (class token, qkv bias, LayerNorm eps 1e-6, no
 LayerScale) with fixed 2-D sin-cos position embeddings (a frozen ``pos_embed`` parameter, zero
-for the class token, as in MAE), so its ``state_dict`` loads into
-``timm.create_model("vit_base_patch16_224", ...)`` for fine-tuning, where the position embedding
-becomes learnable again. Per sample, the masked tokens are dropped *before* the encoder (it costs
-~25% of a full pass at a 75% ratio); the decoder embeds the visible latents, puts a shared mask
-token at every removed position, adds its own sin-cos position embedding and predicts
-``target_dim`` values at every position of the output grid: normalised pixels of a patch, or a
-teacher's token.
+for the class token, in MAE's channel order: :func:`sincos_pos_embed`), so its ``state_dict``
+loads into ``timm.create_model("vit_base_patch16_224", ...)`` for fine-tuning, where the position
+embedding becomes learnable again. The weights start as MAE's ``initialize_weights`` draws them
+(:meth:`MAEStudent.init_weights`), and the key names follow MAE's ``MaskedAutoencoderViT``
+(encoder keys under ``encoder.``), so an official MAE checkpoint loads by renaming alone
+(:mod:`tokenmorph.models.layouts`). Per sample, the masked tokens are dropped *before* the
+encoder (it costs ~25% of a full pass at a 75% ratio); the decoder embeds the visible latents,
+puts a shared mask token at every removed position, adds its own sin-cos position embedding and
+predicts ``target_dim`` values at every position of the output grid: normalised pixels of a
+patch, or a teacher's token.
 
-Decoder presets (docs/method.md 2): ``release`` = 4 blocks x 384 (Beyond Masking), ``mae`` = 8 x
-512.
+Decoder presets (docs/method.md 2): ``release`` = 4 blocks x 384, 6 heads (Beyond Masking),
+``mae`` = 8 x 512, 16 heads.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import build_sincos2d_pos_embed, trunc_normal_
+from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -33,12 +36,37 @@ __all__ = ["MAEStudent", "create_mae_student"]
 
 
 def sincos_pos_embed(grid: Sequence[int], dim: int, cls_token: bool = True) -> torch.Tensor:
-    """(1, [1 +] h * w, dim) fixed 2-D sin-cos embedding (timm's), with a zero row for the class
-    token."""
-    pe = build_sincos2d_pos_embed(list(grid), dim)
+    """(1, [1 +] h * w, dim) float32: MAE's fixed 2-D sin-cos embedding (``get_2d_sincos_pos_
+    embed``), with a zero row for the class token. Tokens row-major; the first dim / 2 channels
+    encode the token's *column*, the last dim / 2 its row, each as [sin(pos w_k), cos(pos w_k)]
+    with w_k = 10000^(-k / (dim / 4)), k < dim / 4; computed in float64 as MAE does.
+
+    timm's ``build_sincos2d_pos_embed`` holds the same values in another channel order,
+    [sin(row), sin(column), cos(row), cos(column)], computed in float32 (about 1e-6 away): it
+    would train the same, but a MAE checkpoint's decoder would read the wrong channels."""
+    h, w = grid
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
+    parts = []
+    for coord in (cols.reshape(-1), rows.reshape(-1)):  # column first, as MAE
+        angle = coord[:, None] * omega[None]
+        parts += [angle.sin(), angle.cos()]
+    pe = torch.cat(parts, dim=1).float()
     if cls_token:
         pe = torch.cat([torch.zeros(1, dim), pe], dim=0)
     return pe.unsqueeze(0)
+
+
+def legacy_sincos_pos_embed(grid: Sequence[int], dim: int) -> torch.Tensor:
+    """(1, 1 + h * w, dim): the table of MAE-framework checkpoints written before the
+    decoder's table was stored (timm's ``build_sincos2d_pos_embed`` order), so those decoders
+    keep the function they were trained as."""
+    pe = build_sincos2d_pos_embed(list(grid), dim)
+    return torch.cat([torch.zeros(1, dim), pe], dim=0).unsqueeze(0)
 
 
 class MAEStudent(StudentBase):
@@ -97,29 +125,45 @@ class MAEStudent(StudentBase):
             )
         )
         grid = self.encoder.patch_embed.grid_size
-        self.encoder.pos_embed.data.copy_(sincos_pos_embed(grid, embed_dim))
-        self.encoder.pos_embed.requires_grad_(
-            False
-        )  # fixed, as in MAE (learnable again when fine-tuned)
+        # fixed, as in MAE (learnable again when fine-tuned)
+        self.encoder.pos_embed.requires_grad_(False)
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.register_buffer(
-            "decoder_pos_embed", sincos_pos_embed(grid, decoder_dim), persistent=False
-        )
+        # fixed; stored in the state dict, as MAE's decoder_pos_embed
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(grid, decoder_dim))
         self.decoder_blocks = nn.ModuleList(
             Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=_layer_norm)
             for _ in range(decoder_depth)
         )
         self.decoder_norm = _layer_norm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, target_dim)
-        trunc_normal_(self.mask_token, std=0.02)
-        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+        self.init_weights()
+        self._set_input_normalization(mean, std)
+        self.register_load_state_dict_pre_hook(_fill_legacy_decoder_pos_embed)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """MAE's ``initialize_weights``: fixed sin-cos position embeddings; the patch embedding's
+        kernel xavier-uniform as a Linear (out, in * p * p), its bias left at PyTorch's Conv2d
+        default; class and mask tokens N(0, 0.02), untruncated; every Linear xavier-uniform with
+        bias 0 (a fused qkv is one (3D, D) Linear, so its bound is sqrt(6 / 4D), as in MAE);
+        LayerNorm weight 1, bias 0."""
+        grid = self.encoder.patch_embed.grid_size
+        self.encoder.pos_embed.copy_(sincos_pos_embed(grid, self.encoder.embed_dim))
+        self.decoder_pos_embed.copy_(sincos_pos_embed(grid, self.decoder_embed.out_features))
+        w = self.encoder.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.encoder.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)  # MAE's initialisation of every linear layer
+                nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        self._set_input_normalization(mean, std)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def _blocks(self, blocks, x: torch.Tensor) -> torch.Tensor:
         for blk in blocks:
@@ -168,6 +212,16 @@ class MAEStudent(StudentBase):
             if mask.any():
                 keep = RandomMask.from_mask(mask)
         return self.forward_decoder(self.forward_features(images, keep), keep)
+
+
+def _fill_legacy_decoder_pos_embed(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before ``decoder_pos_embed`` was stored trained with the legacy
+    table: give it back to them (a load-time upgrade, so resume, evaluation and pictures keep
+    their function)."""
+    key = prefix + "decoder_pos_embed"
+    if key not in state_dict and prefix + "decoder_embed.weight" in state_dict:
+        grid = module.encoder.patch_embed.grid_size
+        state_dict[key] = legacy_sincos_pos_embed(grid, module.decoder_embed.out_features)
 
 
 def _layer_norm(dim: int, **kwargs) -> nn.LayerNorm:

@@ -247,16 +247,32 @@ class PixelTeacher(Teacher):
     """MAE-style pixel targets on the student's grid: one token per ``patch_size`` patch,
     ``patch_size ** 2 * in_chans`` values in :func:`tokenmorph.images.patchify` order (p, q, c).
 
-    ``norm="per_channel"`` (default, Beyond Masking): each channel of each patch becomes
-    (x - mean) / (std + 1e-6) over its p * p pixels (unbiased std, torch's default);
-    ``"joint"``: MAE's norm_pix_loss, (x - mean) / sqrt(var + 1e-6) over all p * p * C values
-    (biased var); ``"none"``: raw [0, 1] pixels."""
+    ``norm="per_channel"`` (default, Beyond Masking): each channel of each patch of the [0, 1]
+    image becomes (x - mean) / (std + 1e-6) over its p * p pixels (unbiased std, torch's
+    default); ``"joint"``: MAE's norm_pix_loss, the patch of the image normalised with
+    ``mean`` / ``std`` (the data set's statistics, ImageNet's by default, as MAE's input), then
+    (v - mean) / sqrt(var + 1e-6) over all p * p * C values (unbiased var); ``"input"``: that
+    normalised image itself (MAE without norm_pix_loss); ``"none"``: raw [0, 1] pixels. See
+    :func:`tokenmorph.ops.patches.patch_norm_stats`."""
 
-    def __init__(self, patch_size: int = 16, norm: str = "per_channel", in_chans: int = 3):
+    def __init__(
+        self,
+        patch_size: int = 16,
+        norm: str = "per_channel",
+        in_chans: int = 3,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    ):
         super().__init__(
             "pixels", patch_size * patch_size * in_chans, (0.0,) * 3, (1.0,) * 3, None, amp=False
         )
         self.patch_size, self.norm, self.in_chans = patch_size, norm, in_chans
+        self.image_mean, self.image_std = tuple(mean), tuple(std)
+
+    def stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, scale) of patches x (B, N, p*p*C) of [0, 1] pixels: target = (x - mean) /
+        scale."""
+        return patch_norm_stats(x, self.in_chans, self.norm, self.image_mean, self.image_std)
 
     def forward(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """images (B, C, H, W) in [0, 1] -> (B, grid[0] * grid[1], p * p * C) float32. Images
@@ -266,7 +282,7 @@ class PixelTeacher(Teacher):
         images = _check_images(images, self.in_chans)
         with torch.no_grad():
             x = patchify(resize(images, (grid[0] * p, grid[1] * p)), p)  # (B, N, p*p*C)
-            mean, scale = patch_norm_stats(x, self.in_chans, self.norm)
+            mean, scale = self.stats(x)
             return (x - mean) / scale
 
     def extra_repr(self) -> str:
@@ -445,6 +461,8 @@ def _build_pixels(
     patch_size=None,
     norm="per_channel",
     in_chans=3,
+    mean=IMAGENET_DEFAULT_MEAN,
+    std=IMAGENET_DEFAULT_STD,
     **kwargs,
 ) -> PixelTeacher:
     if weights is not None or normalization != "default" or input_size is not None:
@@ -457,9 +475,9 @@ def _build_pixels(
     if kwargs:
         raise TeacherError(
             f"unknown option(s) for the pixels teacher: {', '.join(kwargs)}; it takes norm, "
-            "in_chans"
+            "in_chans, mean, std"
         )
-    return PixelTeacher(patch_size or 16, norm, in_chans)
+    return PixelTeacher(patch_size or 16, norm, in_chans, mean, std)
 
 
 @dataclass(frozen=True)
@@ -533,8 +551,9 @@ def build_teacher(
         **kwargs: ``"timm:*"`` / ``"clip-vit-b16"``: passed to ``timm.create_model`` (e.g.
             ``img_size=32, patch_size=4, depth=2``), except ``proj_dim`` / ``proj_seed``: an
             optional fixed random orthogonal projection of the tokens to ``proj_dim`` dims.
-            ``"pixels"``: ``norm`` (one of ``per_channel``, ``joint``, ``none``) and
-            ``in_chans``.
+            ``"pixels"``: ``norm`` (one of :data:`~tokenmorph.ops.patches.PIXEL_NORMS`),
+            ``in_chans`` and ``mean`` / ``std`` (the image normalisation of ``joint`` and
+            ``input``).
 
     Raises:
         TeacherError: unknown name or option, missing package, or weights that cannot be loaded.

@@ -31,6 +31,7 @@ __all__ = [
     "DTMLoss",
     "patch_mse",
     "zoom_in_mask_loss",
+    "zoom_out_loss",
 ]
 
 
@@ -384,38 +385,74 @@ def patch_mse(
 
 def zoom_in_mask_loss(
     pred: torch.Tensor,
-    view_target: torch.Tensor,
+    input_target: torch.Tensor,
+    output_target: torch.Tensor,
     mask: torch.Tensor,
     patch: int,
     grid: int,
     ring: int,
     ring_weight: float = 0.2,
 ) -> tuple[torch.Tensor, dict]:
-    """The best practice's loss (docs/method.md 2): masking plus zoom-in misalignment.
+    """The best practice's loss (docs/method.md 2), as the zoomed-in release computes it.
 
     Args:
         pred: (B, grid^2, p*p*3) predictions on the output grid, which covers the whole zoom-in
-        view.
-        view_target: (B, (grid + 2 ring)^2, p*p*3) normalised patches of the clean view on its
-            own patch grid; its centre grid x grid patches are exactly the input frame's patches.
+            view (the view area-resized to the input side).
+        input_target: (B, grid^2, p*p*3) normalised patches of the input frame (the view's centre
+            crop) on its own grid: the masked term's targets.
+        output_target: (B, grid^2, p*p*3) normalised patches of the output frame (the view
+            area-resized to the input side) on the output grid: the ring term's targets, which
+            the release normalises there, before mapping them to the view.
         mask: (B, grid^2) bool, the input's masked tokens.
         patch, grid, ring: patch side in pixels; input grid side and ring width, in patches.
         ring_weight: weight of the border-ring term (0.2); the masked-token term gets 1 -
-        ring_weight.
+            ring_weight.
 
-    The prediction is mapped back to the view (area interpolation to the view's side) and cut
-    into the view's patches: the masked term is MAE's masked-token MSE on the centre
-    (input-frame) patches; the ring term adds the MSE of each of the four strips the input never
-    saw. Returns (loss, {"masked": ..., "ring": ...}).
+    Prediction and output target are mapped to the view the same way (pixels, area
+    interpolation to the view's side) and cut into the view's patches: the masked term is MAE's
+    masked-token MSE of the centre (input-frame) patches against ``input_target``; the ring term
+    adds the MSE of each of the four strips the input never saw against the mapped
+    ``output_target``. Returns (loss, {"masked": ..., "ring": ...}).
     """
     from .degrade import output_to_view, view_regions
     from .patches import patchify
 
     side = (grid + 2 * ring) * patch
-    view_pred = patchify(output_to_view(pred.float(), patch, (grid, grid), side), patch)
+
+    def to_view(tokens):
+        return patchify(output_to_view(tokens.float(), patch, (grid, grid), side), patch)
+
+    view_pred, view_target = to_view(pred), to_view(output_target)
     centre, strips = view_regions(grid, ring)
     centre, strips = centre.to(pred.device), [s.to(pred.device) for s in strips]
-    masked = patch_mse(view_pred[:, centre], view_target[:, centre], mask)
-    border = sum(F.mse_loss(view_pred[:, s], view_target[:, s].float()) for s in strips)
+    masked = patch_mse(view_pred[:, centre], input_target, mask)
+    border = sum(F.mse_loss(view_pred[:, s], view_target[:, s]) for s in strips)
     loss = (1 - ring_weight) * masked + ring_weight * border
     return loss, {"masked": float(masked.detach()), "ring": float(border.detach())}
+
+
+def zoom_out_loss(
+    pred: torch.Tensor,
+    output_target: torch.Tensor,
+    mask: torch.Tensor | None,
+    patch: int,
+    grid: tuple[int, int],
+    content: int,
+    offsets: torch.Tensor,
+) -> torch.Tensor:
+    """The zoom-out release's loss: pred, output_target (B, N, p*p*3) on the output grid (the
+    content area-resized to the canvas side, normalised there), mask (B, N) bool on the canvas
+    grid (None = every token), offsets (B, 2) -> scalar.
+
+    Both are mapped to the canvas (pixels, area-resize to ``content``, symmetric pad at the
+    offsets: :func:`tokenmorph.ops.degrade.content_to_canvas`) and cut into canvas patches; the
+    loss is the per-token MSE averaged over the masked canvas tokens.
+    """
+    from .degrade import content_to_canvas
+    from .patches import patchify, unpatchify
+
+    def to_canvas(tokens):
+        img = unpatchify(tokens.float(), patch, grid, channels=tokens.shape[-1] // (patch * patch))
+        return patchify(content_to_canvas(img, content, offsets), patch)
+
+    return patch_mse(to_canvas(pred), to_canvas(output_target), mask)

@@ -21,6 +21,7 @@ from typing import Any, Union
 
 import yaml
 
+from ..data.transforms import INTERPOLATIONS
 from ..errors import ConfigError
 from ..models.arch import DECODER_PRESETS, FRAMEWORKS, REL_POS, STUDENT_SIZES
 from ..models.layouts import REL_POS_INITS
@@ -254,8 +255,8 @@ class PretrainConfig(EngineConfig):
     pixel_norm: str = field(
         default="per_channel",
         metadata=dict(
-            doc="teacher=pixels: per-patch normalisation per channel (Beyond Masking) or joint "
-            "(MAE's norm_pix_loss)",
+            doc="teacher=pixels: per-patch normalisation per channel (Beyond Masking), joint "
+            "(MAE's norm_pix_loss), input (MAE without it) or none (raw pixels)",
             choices=PIXEL_NORMS,
         ),
     )
@@ -278,6 +279,20 @@ class PretrainConfig(EngineConfig):
     decoder_dim: int | None = field(
         default=None, metadata=dict(doc="decoder width (default: the preset's)", min=8)
     )
+    decoder_heads: int | None = field(
+        default=None,
+        metadata=dict(
+            doc="decoder attention heads (default: the preset's; width / 32 for another width)",
+            min=1,
+        ),
+    )
+    init_weights: str | None = field(
+        default=None,
+        metadata=dict(
+            doc="framework=mae: start from an official MAE checkpoint (mae_pretrain_vit_*.pth, "
+            "encoder only, or a visualize one with the decoder); loaded strictly before step 0"
+        ),
+    )
     zoom_ring_patches: int | None = field(
         default=None,
         metadata=dict(
@@ -290,6 +305,24 @@ class PretrainConfig(EngineConfig):
         default=None,
         metadata=dict(
             doc="zoom-out content side in pixels (default 5/7 of img_size: 160 at 224)", min=1
+        ),
+    )
+    decolorize_saturation: float = field(
+        default=0.3,
+        metadata=dict(
+            doc="objective=decolorize: HSV saturation factor applied first, to input and target "
+            "(0.3 as the release; 1 = off)",
+            min=0.0,
+            max=1.0,
+        ),
+    )
+    chunk_size: int = field(
+        default=128,
+        metadata=dict(
+            doc="images of the global batch that share one per-batch random draw, seeded by (seed, "
+            "step, chunk): DTM's schedules, the zoom-out offset, the de-colorisation weights (the "
+            "release draws them once per GPU batch of 128 images)",
+            min=1,
         ),
     )
     ring_loss_weight: float = field(
@@ -313,6 +346,13 @@ class PretrainConfig(EngineConfig):
         default=0.4, metadata=dict(doc="ColorJitter strength (0 = off)", min=0.0)
     )
     hflip: bool = field(default=True, metadata=dict(doc="random horizontal flip"))
+    crop_interpolation: str = field(
+        default="bicubic",
+        metadata=dict(
+            doc="RandomResizedCrop interpolation (bilinear: the de-colorisation release's)",
+            choices=INTERPOLATIONS,
+        ),
+    )
     on_bad_image: str = field(
         default="skip",
         metadata=dict(doc="undecodable file: skip and count, or stop", choices=("skip", "raise")),
@@ -334,14 +374,6 @@ class PretrainConfig(EngineConfig):
     )
     scheduler: str = field(
         default="release", metadata=dict(doc="dynamic scheduler", choices=SCHEDULERS)
-    )
-    schedule_chunk: int = field(
-        default=128,
-        metadata=dict(
-            doc="images per schedule draw: one set of L schedules per chunk of the global batch, "
-            "seeded by (seed, step, chunk) (the release: one per GPU of 128 images)",
-            min=1,
-        ),
     )
     morph_mode: str = field(
         default="reference", metadata=dict(doc="matching semantics", choices=MODES)
@@ -385,11 +417,15 @@ class PretrainConfig(EngineConfig):
                 f"{self.framework} masks nothing (use objective=mask or zoom_in_mask, num_masked > "
                 "0)"
             )
-        if self.loss_on == "masked" and self.objective == "zoom_in_mask":
+        if self.loss_on == "masked" and not DEGRADATIONS[self.objective].aligned:
             raise ConfigError(
-                "loss_on=masked does not apply to objective=zoom_in_mask: the masked tokens are "
-                "input-frame tokens and the student predicts the whole zoom-in view; use "
-                "loss_on=all"
+                f"loss_on=masked does not apply to objective={self.objective}: the masked tokens "
+                "are input-frame tokens and the student predicts another frame; use loss_on=all"
+            )
+        if self.init_weights is not None and self.framework != "mae":
+            raise ConfigError(
+                f"init_weights={self.init_weights} loads an official MAE checkpoint: it needs "
+                "framework=mae"
             )
         if self.objective == "zoom_out":
             content = self.zoom_out_content or default_zoom_out_content(self.img_size)

@@ -3,7 +3,11 @@
 
 An objective is called as ``objective(model, batch, step) -> (loss, logs)`` and provides
 ``sample(rng)``, the per-sample extras (mask, degradation parameters) drawn in the data loader
-from the sample's seeded generator.
+from the sample's seeded generator. Parameters the release draws once per GPU batch (the
+zoom-out offset, the de-colorisation weights) are drawn once per chunk of ``chunk_size``
+images of the global batch, seeded by (seed, step, chunk): a sample's chunk is its position
+in the global batch (``batch["positions"]``) // chunk_size, so the draws do not depend on the
+number of processes or accumulation steps.
 
 One class covers every combination of
 
@@ -23,10 +27,12 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import torch
 
+from ..data import dataset_stats
 from ..models.teachers import PixelTeacher
-from ..ops.degrade import ZoomInMask, build_degradation
-from ..ops.losses import DTMLoss, patch_mse, zoom_in_mask_loss
+from ..ops.degrade import Degradation, ZoomInMask, ZoomOut, build_degradation
+from ..ops.losses import DTMLoss, patch_mse, zoom_in_mask_loss, zoom_out_loss
 from ..ops.masking import BlockMasking, num_random_masked
 from ..ops.morph import effective_schedule
 from ..runtime.seeding import mix_seed
@@ -58,14 +64,20 @@ def zoom_ring_patches(cfg) -> int:
     return max(1, round(cfg.img_size / 7 / cfg.patch_size))
 
 
-def build_objective_degradation(cfg):
-    """The :class:`~tokenmorph.ops.degrade.Degradation` of a config's objective."""
+def build_objective_degradation(cfg, stats=None):
+    """The :class:`~tokenmorph.ops.degrade.Degradation` of a config's objective; ``stats`` =
+    (mean, std) of the student's input (default: the data set's)."""
+    mean, std = stats or dataset_stats(cfg.data)
     return build_degradation(
         cfg.objective,
         cfg.img_size,
         cfg.patch_size,
         ring_patches=zoom_ring_patches(cfg),
         content=cfg.zoom_out_content,
+        saturation=cfg.decolorize_saturation,
+        seed=mix_seed(cfg.seed, 0xB1A5),  # the blur's bias: one draw per run
+        mean=tuple(mean),
+        std=tuple(std),
     )
 
 
@@ -87,17 +99,19 @@ class PretrainObjective:
         teacher: a :class:`tokenmorph.models.teachers.Teacher` (frozen; ``pixels`` for pixel
         targets).
         grid: the student's patch grid (h, w); the output grid has the same shape.
-        cfg: the run config (framework, objective, masking, loss and DTM keys, seed).
+        cfg: the run config (framework, objective, masking, loss and DTM keys, seed,
+            chunk_size).
+        stats: (mean, std) of the student's input normalisation (default: the data set's).
     """
 
-    def __init__(self, teacher, grid: tuple[int, int], cfg) -> None:
+    def __init__(self, teacher, grid: tuple[int, int], cfg, stats=None) -> None:
         self.teacher, self.grid, self.seed = teacher, tuple(grid), cfg.seed
-        self.schedule_chunk = cfg.schedule_chunk
         self.framework, self.loss_kind = cfg.framework, resolve_loss(cfg)
         self.ring = zoom_ring_patches(cfg)
         self.ring_weight = cfg.ring_loss_weight
         self.patch_size = cfg.patch_size
-        self.degradation = build_objective_degradation(cfg)
+        self.chunk_size = cfg.chunk_size
+        self.degradation = build_objective_degradation(cfg, stats)
         n = self.grid[0] * self.grid[1]
         self.block_masking = self.num_random = None
         if self.degradation.masked:
@@ -111,6 +125,8 @@ class PretrainObjective:
             self._loss = self._dtm_loss
         elif isinstance(self.degradation, ZoomInMask) and isinstance(teacher, PixelTeacher):
             self._loss = self._zoom_in_mask_loss
+        elif isinstance(self.degradation, ZoomOut) and isinstance(teacher, PixelTeacher):
+            self._loss = self._zoom_out_loss
         else:
             self._loss = self._mse_loss
         if self.loss_kind == "dtm":
@@ -151,13 +167,30 @@ class PretrainObjective:
         extra = dict(batch["extra"] or {})
         mask = extra.pop("mask", None)
         mask = mask.bool() if mask is not None else None
-        # per-step parameters: one draw for the global batch, identical on every rank and on
-        # resume
-        params = {
-            **extra,
-            **self.degradation.step_params(np.random.default_rng(mix_seed(self.seed, step, 0xDE6))),
-        }
+        params = {**extra, **self.chunk_params(batch, step)}
         return self.degradation.apply(batch["images"], params), mask
+
+    def chunk_params(self, batch: dict, step: int) -> dict:
+        """The degradation's per-chunk parameters of each sample of ``batch``, each (B, ...): one
+        draw per chunk of the global batch, seeded by (seed, step, chunk), so identical on every
+        rank, accumulation step and resume. Samples without a recorded position (a batch built
+        outside the training loader) count from 0."""
+        if type(self.degradation).step_params is Degradation.step_params:
+            return {}  # nothing drawn per chunk: no host sync for the positions
+        images = batch["images"]
+        chunks, inverse = np.unique(
+            np.asarray(self.chunks(batch.get("positions"), images.shape[0])), return_inverse=True
+        )
+        draws = [
+            self.degradation.step_params(np.random.default_rng(mix_seed(self.seed, step, 0xDE6, c)))
+            for c in chunks
+        ]
+        if not draws or not draws[0]:
+            return {}
+        return {
+            k: torch.as_tensor(np.stack([d[k] for d in draws])[inverse], device=images.device)
+            for k in draws[0]
+        }
 
     def loss(self, pred, d, mask, step: int, positions=None):
         """(loss, logs) of the student's prediction (B, N, target_dim) for :meth:`degrade`'s
@@ -167,11 +200,11 @@ class PretrainObjective:
         out_mask = mask if self.degradation.aligned else None
         return self._loss(pred, d, mask, out_mask, step, positions)
 
-    def schedule_chunks(self, positions, batch_size: int) -> list[int]:
-        """The schedule chunk of every sample: its position in the global batch //
-        ``schedule_chunk``."""
+    def chunks(self, positions, batch_size: int) -> list[int]:
+        """The chunk of every sample: its position in the global batch // ``chunk_size`` (positions
+        None: a batch built outside the training loader, counted from 0)."""
         positions = range(batch_size) if positions is None else positions
-        return [p // self.schedule_chunk for p in positions]
+        return [p // self.chunk_size for p in positions]
 
     def schedule_rng(self, step: int):
         """chunk -> the random generator of that chunk's schedules at ``step``."""
@@ -186,7 +219,7 @@ class PretrainObjective:
             target,
             out_mask,
             rng=self.schedule_rng(step),
-            chunks=self.schedule_chunks(positions, pred.shape[0]),
+            chunks=self.chunks(positions, pred.shape[0]),
         )
         n = pred.shape[1]
         protect = self.criterion.mode == "reference"
@@ -194,11 +227,28 @@ class PretrainObjective:
         return loss, {"groups": sum(groups) / len(groups)}
 
     def _zoom_in_mask_loss(self, pred, d, mask, out_mask, step: int, positions):
-        g = self.grid[0]
-        view_target = self.teacher(d.view, (g + 2 * self.ring,) * 2)
+        # the masked term's targets on the input frame, the ring's on the output frame
+        input_target = self.teacher(d.inputs, self.grid)
+        output_target = self.teacher(d.target, self.grid)
         return zoom_in_mask_loss(
-            pred, view_target, mask, self.patch_size, g, self.ring, self.ring_weight
+            pred,
+            input_target,
+            output_target,
+            mask,
+            self.patch_size,
+            self.grid[0],
+            self.ring,
+            self.ring_weight,
         )
+
+    def _zoom_out_loss(self, pred, d, mask, out_mask, step: int, positions):
+        # targets normalised on the output grid (the content stretched to S); prediction and
+        # target mapped to the canvas, the loss over its masked tokens (the release's rule)
+        target = self.teacher(d.target, self.grid)
+        loss = zoom_out_loss(
+            pred, target, mask, self.patch_size, self.grid, self.degradation.content, d.offsets
+        )
+        return loss, {}
 
     def _mse_loss(self, pred, d, mask, out_mask, step: int, positions):
         # MAE: the masked tokens when the input is masked; every token for the other degradations

@@ -23,10 +23,13 @@ COMPAT_KEYS = ("model", "img_size", "patch_size", "depth", "teacher", "framework
 
 
 def decoder_shape(cfg: PretrainConfig) -> dict:
-    """framework=mae: decoder depth and width from the preset, with ``decoder_depth`` /
-    ``decoder_dim`` on top."""
-    depth, dim = DECODER_PRESETS[cfg.decoder]
-    return dict(decoder_depth=cfg.decoder_depth or depth, decoder_dim=cfg.decoder_dim or dim)
+    """framework=mae: decoder depth, width and heads from the preset, with ``decoder_depth`` /
+    ``decoder_dim`` / ``decoder_heads`` on top (another width without ``decoder_heads``: width /
+    32 heads)."""
+    depth, dim, heads = DECODER_PRESETS[cfg.decoder]
+    width = cfg.decoder_dim or dim
+    heads = cfg.decoder_heads or (heads if width == dim else max(width // 32, 1))
+    return dict(decoder_depth=cfg.decoder_depth or depth, decoder_dim=width, decoder_heads=heads)
 
 
 def build_student_and_teacher(cfg: PretrainConfig, device: torch.device, mean=None, std=None):
@@ -42,8 +45,10 @@ def build_student_and_teacher(cfg: PretrainConfig, device: torch.device, mean=No
     # pixel targets use the student's patch; a timm teacher keeps its own unless teacher_kwargs
     # sets one
     patch_size = kwargs.pop("patch_size", cfg.patch_size if cfg.teacher == "pixels" else None)
-    if cfg.teacher == "pixels":
+    if cfg.teacher == "pixels":  # joint / input normalise the image as the student's input
         kwargs.setdefault("norm", cfg.pixel_norm)
+        kwargs.setdefault("mean", tuple(mean))
+        kwargs.setdefault("std", tuple(std))
     teacher = build_teacher(
         cfg.teacher,
         weights=cfg.teacher_weights,
@@ -100,12 +105,21 @@ def pretrain(cfg: PretrainConfig, dist_info: DistInfo | None = None) -> dict:
         train=True,
         on_error=cfg.on_bad_image,
         transform=pretrain_transform(
-            view_side(cfg), (cfg.crop_scale_min, 1.0), cfg.color_jitter, cfg.hflip
+            view_side(cfg),
+            (cfg.crop_scale_min, 1.0),
+            cfg.color_jitter,
+            cfg.hflip,
+            cfg.crop_interpolation,
         ),
     )
     mean, std = dataset_stats(cfg.data)
     student, teacher = build_student_and_teacher(cfg, dist_info.device, mean, std)
-    objective = PretrainObjective(teacher, student.grid, cfg)
+    init_note = ""
+    if cfg.init_weights is not None:  # before the engine: a resumed run's checkpoint wins
+        from ..hub.mae_checkpoint import load_mae_checkpoint
+
+        init_note = f", initialised from {load_mae_checkpoint(student, cfg.init_weights)}"
+    objective = PretrainObjective(teacher, student.grid, cfg, (mean, std))
     record = StudentRecord(
         cfg.framework, cfg.model, student.arch, teacher.dim, cfg.teacher, tuple(mean), tuple(std)
     )
@@ -132,6 +146,6 @@ def pretrain(cfg: PretrainConfig, dist_info: DistInfo | None = None) -> dict:
         f"{student.grid[1]}), teacher {cfg.teacher} ({teacher.dim}-d), {len(dataset)} images, "
         f"{engine.total_steps} steps of {cfg.batch_size}, lr {engine.lr:.3g}, "
         f"{dist_info.world_size} process(es) "
-        f"on {dist_info.device}, output {engine.run_dir}"
+        f"on {dist_info.device}, output {engine.run_dir}{init_note}"
     )
     return run_in_folder(engine, cfg, describe)

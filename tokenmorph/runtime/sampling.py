@@ -9,10 +9,11 @@ from (seed, step, rank) at every step):
 * every sample's augmentation (and mask) is seeded by (seed, epoch, index), whichever worker
   loads it.
 
-Every key also carries the sample's position in its global batch, so that what is drawn per part
-of the global batch (DTM's schedules: one set per chunk of ``schedule_chunk`` images) depends on
-that position, never on the rank or the micro-batch. So changing the number of processes keeps
-the same global batches, hence the same training where no per-rank randomness enters.
+Every key also carries the sample's position in its global batch, so that what is drawn per chunk
+of the global batch (``chunk_size`` images: DTM's schedules, the zoom-out offset, the grey weights)
+depends on that position, never on the rank or the micro-batch. So changing the number of
+processes keeps the same global batches, hence the same training where no per-rank randomness
+enters.
 """
 
 from __future__ import annotations
