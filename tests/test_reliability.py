@@ -199,7 +199,8 @@ def test_not_a_checkpoint_and_wrong_kind(photo_dir, tmp_path):
         "--output-dir",
         str(out),
         "--max-steps",
-        "6",
+        "4",
+        "save_every=2",
     )
     assert "skipping" in proc.stdout and "(step 2)" in proc.stdout
 
