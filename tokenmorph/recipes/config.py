@@ -584,13 +584,16 @@ KINDS_BY_CLASS = {v: k for k, v in CONFIG_CLASSES.items()}
 
 
 def describe_keys(kind: str) -> str:
-    """One line per key of a config kind: name, default, meaning, choices (for --list-keys)."""
+    """One line per key of a config kind: name, default, meaning, choices, and how it may change
+    on resume when it is free or fixed (unmarked keys change the run's meaning), for
+    --list-keys."""
     lines = []
     for f in fields(CONFIG_CLASSES[kind]):
         meta = f.metadata
         choices = f" [{' | '.join(meta['choices'])}]" if "choices" in meta else ""
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        lines.append(f"{f.name:24s} {str(default):14s} {meta.get('doc', '')}{choices}")
+        resume = f" (on resume: {meta['resume']})" if "resume" in meta else ""
+        lines.append(f"{f.name:24s} {str(default):14s} {meta.get('doc', '')}{choices}{resume}")
     return "\n".join(lines)
 
 
