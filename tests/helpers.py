@@ -10,8 +10,7 @@ import torch
 
 def run_cli(*args, check=True):
     """``tokenmorph ARGS`` in a subprocess, as a user runs it; with ``check``, a non-zero exit
-       fails
-    the test."""
+    fails the test."""
     proc = subprocess.run(
         [sys.executable, "-m", "tokenmorph", *map(str, args)],
         capture_output=True,
@@ -30,11 +29,6 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def final_weights(run_dir):
-    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"))
-    return torch.load(ckpts[-1], map_location="cpu", weights_only=False)
-
-
 def random_masks(B, N, num_masked, seed=0):
     """(B, N) bool masks with ``num_masked`` True per row, each a seeded random subset."""
     g = torch.Generator().manual_seed(seed)
@@ -42,3 +36,36 @@ def random_masks(B, N, num_masked, seed=0):
     for b in range(B):
         mask[b, torch.randperm(N, generator=g)[:num_masked]] = True
     return mask
+
+
+def final_weights(run_dir):
+    """The newest checkpoint of a run folder, read as tokenmorph reads it (weights_only=True:
+    every end-to-end test also checks that checkpoints hold only tensors and plain data)."""
+    from tokenmorph.runtime.checkpoints import find_checkpoints, load_checkpoint
+
+    return load_checkpoint(find_checkpoints(run_dir)[-1])
+
+
+def run_main(capsys, *args):
+    """``tokenmorph ARGS`` in this process (no interpreter start-up: seconds faster than
+    :func:`run_cli`); returns (exit status, stdout, stderr)."""
+    from tokenmorph.cli import main
+
+    capsys.readouterr()
+    status = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def smoke_args(data, out, *extra):
+    """The arguments of a smoke pre-training on ``data`` into ``out``."""
+    return ("pretrain", "--config", "smoke", "--data", data, "--output-dir", out, *extra)
+
+
+def last_json(out: str) -> dict:
+    """The JSON object on the last line of a command's stdout (NaN refused: JSON has none)."""
+
+    def no_nan(text):
+        raise AssertionError(f"{text} in JSON output")
+
+    return json.loads(out.strip().splitlines()[-1], parse_constant=no_nan)

@@ -78,9 +78,10 @@ def test_resume_is_exact(photo_dir, tmp_path):
 def test_resume_rejects_incompatible_run(photo_dir, tmp_path):
     out = tmp_path / "run"
     smoke(photo_dir, out, "--max-steps", "2")
-    proc = smoke(photo_dir, out, "--max-steps", "4", "depth=3", check=False)
+    proc = smoke(photo_dir, out, "--max-steps", "2", "depth=3", check=False)
     assert proc.returncode == 2
-    assert "depth: checkpoint 2 vs run 3" in proc.stderr and "Traceback" not in proc.stderr
+    assert "depth: 2 -> 3  (the model is built from it)" in proc.stderr
+    assert "--apply-changes" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bad_inputs_are_one_line(photo_dir, tmp_path):

@@ -10,6 +10,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from collections.abc import Sequence
@@ -72,19 +73,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "overrides", None) is not None:  # a training command: for its run history
+        from .runtime.run_folder import set_command_line
+
+        set_command_line(["tokenmorph", *argv])
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # output piped into e.g. `head`: not an error
         sys.stderr.close()
         return 0
-    except (
-        TokenmorphError
-    ) as e:  # user-facing errors are one line; anything else is a bug: full traceback
-        from .runtime.distributed import env_rank
+    except TokenmorphError as e:  # user-facing errors are one line; anything else is a bug
+        return _fail(str(e))
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        return _fail(f"no space left on device{where}: free some space and rerun the same command")
 
-        if env_rank() == 0:
-            print(f"tokenmorph: error: {e}", file=sys.stderr)
-        return 2
+
+def _fail(message: str) -> int:
+    """Print a user-facing error (on the main process only) and return exit status 2."""
+    from .runtime.distributed import env_rank
+
+    if env_rank() == 0:
+        print(f"tokenmorph: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

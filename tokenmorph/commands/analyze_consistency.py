@@ -4,9 +4,9 @@ after morphing (:mod:`tokenmorph.eval.consistency`) as a program."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from ..runtime.run_logger import dump_json
 from .common import add_teacher_arguments, parse_int_list, parse_schedule
 
 HELP = "spatial consistency of teacher targets, before and after morphing"
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "consistency.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "consistency.json").write_text(dump_json(result, indent=2) + "\n")
     plot_consistency(result, out / "consistency.png")
     n = result["images"]
     split = f" ({n['train']} train / {n['test']} held out)" if n["train"] is not None else ""

@@ -4,8 +4,8 @@ formulation."""
 from __future__ import annotations
 
 import argparse
-import json
 
+from ..runtime.run_logger import dump_json
 from .common import parse_schedule
 
 HELP = "DTM loss forward+backward: tokenmorph vs the release's dense formulation"
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         args.batch, args.tokens, args.dim, schedules, args.repeats, args.device, args.seed
     )
     if args.json:
-        print(json.dumps(result))
+        print(dump_json(result))
         return 0
     print(
         f"DTM loss forward+backward, B={args.batch} N={args.tokens} D={args.dim}, fp32, "

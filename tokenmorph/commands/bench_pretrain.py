@@ -4,9 +4,9 @@ step."""
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..errors import ConfigError
+from ..runtime.run_logger import dump_json
 
 HELP = "full DTM pre-training steps, timed per phase, against the release's step"
 DESCRIPTION = """\
@@ -104,7 +104,7 @@ def _objectives(args: argparse.Namespace) -> int:
         args.teacher_weights,
     )
     if args.json:
-        print(json.dumps(r))
+        print(dump_json(r))
         return 0
     print(
         f"pre-training steps: student {r['student']}, teacher {r['teacher']}, batch "
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         args.teacher_weights,
     )
     if args.json:
-        print(json.dumps(r))
+        print(dump_json(r))
         return 0
     print(
         f"DTM pre-training step: student {r['student']}, teacher {r['teacher']}, batch "

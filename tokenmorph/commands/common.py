@@ -27,7 +27,13 @@ __all__ = [
     "parse_schedule",
     "parse_int_list",
     "run_training",
+    "report_training",
+    "format_loss",
+    "RUN_FLAGS",
 ]
+
+# The flags of add_run_arguments that set config keys of the same name.
+RUN_FLAGS = ("output_dir", "max_steps", "save_every", "device", "apply_changes")
 
 
 # ----------------------------------------------------------------------------------- pretrain /
@@ -49,6 +55,14 @@ def add_run_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
         "--max-steps", type=int, help="stop after N optimiser steps (the schedule spans N steps)"
     )
     parser.add_argument("--save-every", type=int, help="checkpoint every N steps")
+    parser.add_argument(
+        "--apply-changes",
+        action="store_true",
+        default=None,
+        help="resume a run folder with changed settings, applied from its current step (the "
+        "schedules follow the new values; recorded in run_history.jsonl); without it a resume "
+        "with changed settings is refused",
+    )
     parser.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
@@ -92,6 +106,33 @@ def config_from_args(args, kind: str, flags: Sequence[str]):
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return None
     return cfg
+
+
+def report_training(summary: dict, done_line: str) -> None:
+    """Print how a training invocation ended, then its summary as one JSON line: ``done_line``
+    for a run that finished now, a line saying so for one finished earlier (nothing was done), or
+    where it stopped (``stop_after``) and how to go on."""
+    from ..runtime.run_logger import dump_json
+
+    if summary.get("already_finished"):
+        print(
+            f"[tokenmorph] already finished: {summary['steps']} steps; checkpoint "
+            f"{summary['checkpoint']}"
+        )
+    elif not summary.get("finished"):
+        print(
+            f"[tokenmorph] stopped at step {summary['steps']} of {summary['total_steps']} "
+            f"(stop_after) after {summary['wall_time_s']:.0f} s; checkpoint "
+            f"{summary['checkpoint']}; not finished: rerun the same command to go on"
+        )
+    else:
+        print(done_line)
+    print(dump_json(summary))
+
+
+def format_loss(value) -> str:
+    """A loss for a message: 4 decimals, or n/a when there is none (no step trained)."""
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def run_training(train, cfg) -> dict | None:

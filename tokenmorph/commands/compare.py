@@ -5,8 +5,9 @@ side."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from ..runtime.run_logger import dump_json
 
 HELP = "DTM vs token-wise distillation (or any configs) under the same budget"
 DESCRIPTION = """Pre-train each config under the same budget, then evaluate each (k-NN, linear
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(markdown_table(rows))
     print(
-        json.dumps(
+        dump_json(
             {
                 "runs": rows,
                 "table": str(out / "compare.md"),

@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         args.temperature,
         info["num_classes"],
         args.chunk_size,
+        progress=not args.no_progress,
     )
     headline = min(HEADLINE_K if HEADLINE_K in args.k else args.k[0], info["num_train"])
     result = {

@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
             args.probe_batch_size,
             args.batchnorm,
             args.seed,
+            progress=not args.no_progress,
         )
     except ValueError as e:  # too little data for the flags given (e.g. --limit-train 1)
         raise ConfigError(f"linear probe: {e}") from None

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "token, none (or '') = model(x) returns the tokens; forward_features and the weights "
         "are the same",
     )
+    parser.add_argument(
+        "--force", action="store_true", help="overwrite OUT.safetensors and OUT.json if they exist"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
     from ..hub.export import export_encoder, timm_call
 
     pool = "" if args.global_pool == "none" else args.global_pool
-    weights, json_path = export_encoder(args.checkpoint, args.out, global_pool=pool)
+    weights, json_path = export_encoder(
+        args.checkpoint, args.out, global_pool=pool, force=args.force
+    )
     spec = json.loads(json_path.read_text())
     print(
         f"exported the {spec['student_size']} {spec['framework']} encoder "

@@ -4,9 +4,8 @@ classification."""
 from __future__ import annotations
 
 import argparse
-import json
 
-from .common import add_run_arguments, config_from_args, run_training
+from .common import RUN_FLAGS, add_run_arguments, config_from_args, report_training, run_training
 
 HELP = "fine-tune a pre-trained backbone (the paper's protocol)"
 DESCRIPTION = """Fine-tune a tokenmorph pre-trained encoder (or train from scratch) for
@@ -41,21 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(
-        args,
-        "finetune",
-        ("checkpoint", "data", "val_data", "output_dir", "max_steps", "save_every", "device"),
-    )
+    cfg = config_from_args(args, "finetune", ("checkpoint", "data", "val_data", *RUN_FLAGS))
     if cfg is None:
         return 0
     from ..recipes.finetune import finetune
 
     summary = run_training(finetune, cfg)
     if summary is not None:
-        print(
+        report_training(
+            summary,
             f"[tokenmorph] fine-tuned {summary['steps']} steps in {summary['wall_time_s']:.0f} s: "
             f"val top-1 {100 * summary['val_top1']:.2f}%, top-5 {100 * summary['val_top5']:.2f}% "
-            f"on {summary['val_images']} images"
+            f"on {summary['val_images']} images",
         )
-        print(json.dumps(summary))
     return 0

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from .common import add_run_arguments, config_from_args, run_training
+from .common import (
+    RUN_FLAGS,
+    add_run_arguments,
+    config_from_args,
+    format_loss,
+    report_training,
+    run_training,
+)
 
 HELP = "pre-training of a ViT: DTM, MAE, Beyond Masking (one CPU, or many GPUs through torchrun)"
 DESCRIPTION = """\
@@ -36,20 +42,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..runtime.distributed import env_rank
 
-    cfg = config_from_args(
-        args, "pretrain", ("data", "output_dir", "max_steps", "save_every", "device")
-    )
+    cfg = config_from_args(args, "pretrain", ("data", *RUN_FLAGS))
     if cfg is None:
         return 0
     from ..recipes.pretrain import pretrain
 
     summary = run_training(pretrain, cfg)
     if summary.get("world_size", 1) == 1 or env_rank() == 0:
-        print(
+        report_training(
+            summary,
             f"[tokenmorph] done: {summary['steps']} steps in {summary['wall_time_s']:.0f} s "
-            f"({summary['img_per_s']:.1f} img/s), final loss {summary['final_loss']:.4f}, "
+            f"({summary['img_per_s']:.1f} img/s), final loss {format_loss(summary['final_loss'])}, "
             f"{summary['skipped_images']} undecodable images skipped; checkpoint "
-            f"{summary['checkpoint']}"
+            f"{summary['checkpoint']}",
         )
-        print(json.dumps(summary))
     return 0

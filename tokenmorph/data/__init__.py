@@ -6,6 +6,7 @@ batching.
 * :mod:`.fashion_mnist`: :class:`FashionMNIST` from its idx files.
 * :mod:`.folders`: :class:`ImageFiles`, every image under a folder or an ImageFolder tree.
 * :mod:`.sources`: :func:`build_dataset` by name or path, :func:`dataset_stats`.
+* :mod:`.fingerprint`: :func:`data_fingerprint`, what tells that a run's data changed.
 * :mod:`.transforms`: :func:`pretrain_transform`, :func:`eval_transform`.
 * :mod:`.collate`: :func:`collate_skip` (drops and counts undecodable items),
   :func:`seeded_subset`.
@@ -21,6 +22,7 @@ from .fashion_mnist import (
     find_fashion_mnist,
     read_idx,
 )
+from .fingerprint import data_fingerprint, describe_fingerprint
 from .folders import IMAGE_EXTENSIONS, ImageFiles
 from .images import (
     MAX_IMAGE_PIXELS,
@@ -31,7 +33,7 @@ from .images import (
     to_rgb,
     to_square_tensor,
 )
-from .sources import DATASET_STATS, build_dataset, dataset_stats
+from .sources import DATASET_STATS, build_dataset, data_folder, dataset_stats
 from .transforms import (
     DEFAULT_CROP_PCT,
     TINY_IMAGE_SIDE,
@@ -60,8 +62,11 @@ __all__ = [
     "sample_photo",
     "to_rgb",
     "to_square_tensor",
+    "data_fingerprint",
+    "describe_fingerprint",
     "DATASET_STATS",
     "build_dataset",
+    "data_folder",
     "dataset_stats",
     "DEFAULT_CROP_PCT",
     "TINY_IMAGE_SIDE",

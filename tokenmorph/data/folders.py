@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -35,30 +35,40 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 )
 
 
-def _image_files(root: Path) -> list[Path]:
-    """Image files under ``root``, recursively, following symbolic links but entering every real
-    folder once (no loops, no duplicates); hidden files and folders (".name", e.g. macOS
-    "._x.jpg") are skipped. Order: ImageFolder's (by first-level folder, then folder path, then
+def _image_files(root: Path, exclude: Sequence[PathLike] = ()) -> tuple[list[Path], list[Path]]:
+    """(image files, other entries named like images) under ``root``, recursively, following
+    symbolic links but entering every real folder once (no loops, no duplicates) and never the
+    folders in ``exclude`` (e.g. a run folder inside the data); hidden files and folders
+    (".name", e.g. macOS "._x.jpg") are skipped. Only regular files are image files: a FIFO,
+    socket or device named ``x.png`` (which ``open`` would block on or misread) is returned in
+    the second list instead. Order: ImageFolder's (by first-level folder, then folder path, then
     file name)."""
-    found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
+    excluded = {os.path.realpath(p) for p in exclude}
+    found, irregular, seen, stack = [], [], set(), [str(root)]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen or real in excluded:
             continue
         seen.add(real)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [
-            Path(dirpath, f)
-            for f in filenames
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-        ]
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:  # unreadable folder: skipped, as os.walk does
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():  # follows symbolic links
+                stack.append(entry.path)
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                # DirEntry.is_file: a regular file (or a link to one), from the cached type
+                (found if entry.is_file() else irregular).append(Path(entry.path))
 
     def order(path: Path):
         rel = path.relative_to(root)
         return (rel.parts[0] if len(rel.parts) > 1 else "", rel.parent.as_posix(), rel.name)
 
-    return sorted(found, key=order)
+    return sorted(found, key=order), sorted(irregular)
 
 
 class ImageFiles(Dataset):
@@ -73,7 +83,9 @@ class ImageFiles(Dataset):
     ``ds[i]`` -> ``(PIL.Image "RGB", label)`` or ``(transform(image), label)``; for a file that
     does not decode, ``None`` (``on_error="skip"``, logged as a warning; ``collate_skip`` drops
     and counts it) or ``DataError`` (``on_error="raise"``). Attributes: ``files`` (sorted list of
-    Paths), ``targets`` (list of int), ``classes`` (list of str, empty without labels).
+    Paths), ``targets`` (list of int), ``classes`` (list of str, empty without labels),
+    ``irregular`` (entries named like images that are not regular files: FIFOs, sockets,
+    devices, broken links; never opened). ``exclude``: folders left out of the scan.
     """
 
     def __init__(
@@ -82,6 +94,7 @@ class ImageFiles(Dataset):
         transform: Callable | None = None,
         on_error: str = "skip",
         labels: str = "auto",
+        exclude: Sequence[PathLike] = (),
     ):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error={on_error!r}: use 'skip' or 'raise'")
@@ -93,7 +106,13 @@ class ImageFiles(Dataset):
             raise DataError(
                 f"image folder {root} {what}; pass a folder of images or 'fashion-mnist'"
             )
-        files = _image_files(root)
+        files, irregular = _image_files(root, exclude)
+        if irregular:
+            log.warning(
+                "skipping %d entries named like images that are not regular files (e.g. %s)",
+                len(irregular),
+                irregular[0],
+            )
         if not files:
             raise DataError(
                 f"no images found under {root} (looked recursively for "
@@ -115,7 +134,7 @@ class ImageFiles(Dataset):
             self.targets = [index[f.relative_to(root).parts[0]] for f in files]
         else:
             self.classes, self.targets = [], [-1] * len(files)
-        self.root, self.files = root, files
+        self.root, self.files, self.irregular = root, files, irregular
         self.transform, self.on_error = transform, on_error
 
     def __len__(self) -> int:

@@ -8,13 +8,15 @@
 from __future__ import annotations
 
 import os
+import stat
+import warnings
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import DataError
 
@@ -77,21 +79,44 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+_ORIENTATION = 0x0112  # the EXIF Orientation tag
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """``im`` turned as its EXIF orientation says; unchanged when the EXIF data is unreadable (a
+    broken tag does not make the pixels undecodable)."""
+    try:
+        if im.getexif().get(_ORIENTATION, 1) in range(2, 9):  # 1 (upright) needs no copy
+            return ImageOps.exif_transpose(im)
+    except Exception:  # PIL raises assorted types for malformed EXIF blocks
+        pass
+    return im
+
+
 def open_rgb(path: PathLike) -> Image.Image:
     """Open, fully decode and convert an image file to 8-bit RGB.
 
+    The EXIF orientation is applied (``PIL.ImageOps.exif_transpose``): a phone photo stored
+    sideways with orientation 6 loads upright, as viewers show it.
+
     Raises ``DataError`` naming the file and the underlying error for anything that does not
-    decode (missing, zero-byte, truncated, not an image, more than ``MAX_IMAGE_PIXELS`` pixels).
+    decode (missing, not a regular file, zero-byte, truncated, not an image, more than
+    ``MAX_IMAGE_PIXELS`` pixels). Only regular files are opened: a FIFO would block ``open``.
     """
     try:
-        with Image.open(path) as im:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise OSError(f"{path} is not a regular file (a FIFO, socket, device or folder)")
+        with warnings.catch_warnings():  # PIL only warns below twice its bound: refused below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError(
                     f"{im.width}x{im.height} = {im.width * im.height} pixels is over the limit of "
                     f"{MAX_IMAGE_PIXELS}"
                 )
             im.load()  # decode now, so truncated files fail here and not inside a transform
-            return to_rgb(im)
+            return to_rgb(_upright(im))
     except (
         Exception
     ) as e:  # PIL's decoders raise many types (OSError, SyntaxError, ValueError, struct.error...)
@@ -145,7 +170,7 @@ def sample_photo(name: str, size: int = 224) -> torch.Tensor:
 def load_image(path: str | Path, size: int = 224) -> torch.Tensor:
     """An image file, a ``skimage:NAME`` sample photo or ``fashion-mnist:N`` (image N of the test
     split) as (3, size, size) in [0, 1]; ``DataError`` for anything that cannot be found or
-    decoded."""
+    decoded. Memory stays bounded by the decoded 8-bit image (see :func:`_shrink`)."""
     path = str(path)
     if path.startswith("skimage:"):
         try:
@@ -162,4 +187,12 @@ def load_image(path: str | Path, size: int = 224) -> torch.Tensor:
         return to_square_tensor(test.data[int(index)].numpy(), size)
     if not Path(path).exists():
         raise DataError(f"image not found: {path}")
-    return to_square_tensor(np.asarray(open_rgb(path)), size)
+    return to_square_tensor(np.array(_shrink(open_rgb(path), size)), size)  # writable for torch
+
+
+def _shrink(im: Image.Image, size: int) -> Image.Image:
+    """A huge picture box-reduced (in 8 bits, by an integer factor) to a short side between 2 and
+    4 x ``size`` before the float resize: a 16000 x 16000 image would otherwise take gigabytes as
+    floats. Images with a short side below 4 x ``size`` are returned as they are."""
+    factor = min(im.size) // (2 * size)
+    return im.reduce(factor) if factor >= 2 else im

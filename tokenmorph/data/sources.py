@@ -13,7 +13,7 @@ from ..errors import DataError
 from .fashion_mnist import FashionMNIST, _fashion_mnist_in
 from .folders import ImageFiles
 
-__all__ = ["DATASET_STATS", "build_dataset", "dataset_stats"]
+__all__ = ["DATASET_STATS", "build_dataset", "data_folder", "dataset_stats"]
 
 Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
 
@@ -47,13 +47,15 @@ def build_dataset(
     on_error: str = "skip",
     labels: str = "auto",
     download: bool = False,
+    exclude: tuple = (),
 ) -> Dataset:
     """A data set by name or path.
 
     ``"fashion-mnist"`` or ``"fashion-mnist:DIR"`` (or a folder holding the idx files) ->
     ``FashionMNIST`` (``train`` picks the split, ``download`` allows torchvision's download); any
     other string is a folder of images -> ``ImageFiles`` (``train`` is ignored: a folder has no
-    split). Raises ``DataError`` for a missing path or a folder without images.
+    split; ``exclude`` names folders left out of its scan, e.g. a run folder inside it). Raises
+    ``DataError`` for a missing path or a folder without images.
     """
     kind, path = _parse_source(source)
     if kind == "fashion-mnist":
@@ -63,7 +65,13 @@ def build_dataset(
             f"data source {source!r} is neither 'fashion-mnist[:DIR]' nor an existing folder; "
             f"pass one of those"
         )
-    return ImageFiles(path, transform=transform, on_error=on_error, labels=labels)
+    return ImageFiles(path, transform=transform, on_error=on_error, labels=labels, exclude=exclude)
+
+
+def data_folder(source: str) -> Path | None:
+    """The folder of images a data source names, or None (Fashion-MNIST, a missing path)."""
+    kind, path = _parse_source(source)
+    return path if kind == "images" and path.is_dir() else None
 
 
 def dataset_stats(source: str) -> Stats:

@@ -27,6 +27,7 @@ from ..recipes.config import load_config
 from ..recipes.objectives import build_block_masking, resolve_loss
 from ..recipes.pretrain import build_student_and_teacher, pretrain
 from ..runtime.distributed import resolve_device
+from ..runtime.run_logger import dump_json
 from ..viz import plot_runs
 from .features import EvalData, extract_eval_features
 from .knn import knn_classify
@@ -104,7 +105,7 @@ def compare(
             else EvalData(**{**vars(data), "dataset": cfg.data})
         )
         train, val, info = extract_eval_features(
-            str(run_dir), eval_data, device=device, progress=False, num_workers=workers
+            str(run_dir), eval_data, device=device, progress=True, num_workers=workers
         )
         knn = knn_classify(
             train.features, train.labels, val.features, val.labels, num_classes=info["num_classes"]
@@ -117,6 +118,7 @@ def compare(
             val.labels,
             info["num_classes"],
             epochs=probe_epochs,
+            progress=True,
         )
         held = build_dataset(
             data.val or data.dataset or cfg.data,
@@ -151,7 +153,7 @@ def compare(
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(markdown_table(rows) + "\n")
-    (out / "compare.json").write_text(json.dumps(rows, indent=2))
+    (out / "compare.json").write_text(dump_json(rows, indent=2))
     plot_runs([out / cfg.name for cfg in cfgs], out / "compare_curves.png")
     return rows
 
@@ -174,7 +176,7 @@ def markdown_table(rows: list[dict]) -> str:
         return "n/a" if v is None else f"{v:.4f}"
 
     lines = [
-        f"| {r['config']} | {r['objective']} | {r['steps']} | {r['train_loss']:.4f} | "
+        f"| {r['config']} | {r['objective']} | {r['steps']} | {loss(r['train_loss'])} | "
         f"{loss(r['heldout_token_loss'])} | "
         f"{100 * r['knn_top1']:.2f}% | {100 * r['linear_top1']:.2f}% | {r['train_minutes']:.1f} "
         "min |"

@@ -266,19 +266,20 @@ def extract_tokens(teacher, dataset, grid: tuple[int, int], batch_size: int, wor
     """Run ``teacher`` over ``dataset``: ``(tokens (M, N, D) float32, labels (M,) int64,
        skipped)``,
     on ``device``; undecodable images are skipped and counted."""
-    from tqdm.auto import tqdm
+    from ..runtime.progress import Progress
 
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_skip
     )
     tokens, labels, skipped = [], [], 0
-    for images, y, n_bad in tqdm(
-        loader, desc="teacher tokens", unit="batch", leave=False, disable=None
-    ):
+    report = Progress(len(loader), "teacher tokens", "batch")
+    for images, y, n_bad in loader:
+        report.update(1)
         skipped += n_bad
         if len(images):
             tokens.append(teacher(images.to(device), grid))
             labels.append(y.to(device))
+    report.close()
     if not tokens:
         raise DataError(f"none of the {len(dataset)} images could be decoded")
     return torch.cat(tokens), torch.cat(labels), skipped

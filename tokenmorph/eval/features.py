@@ -14,7 +14,6 @@ report.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,10 +31,13 @@ from ..data import (
     collate_skip,
     default_crop_pct,
     eval_transform,
+    open_rgb,
     seeded_subset,
 )
 from ..hub.backbone import Backbone, load_backbone
 from ..runtime.distributed import resolve_device
+from ..runtime.progress import Progress
+from ..runtime.run_logger import dump_json
 
 __all__ = [
     "Features",
@@ -88,14 +90,13 @@ def extract_features(
         pool: ``"cls"`` or ``"mean"`` (see ``Backbone.features``).
         device: where the backbone runs (default: where its parameters are).
         amp: bf16 autocast; ``None`` = on CUDA only (see :func:`resolve_amp`).
-        progress: a tqdm bar on stderr (images/s and ETA).
+        progress: report it (images/s and ETA): a bar on a terminal, plain lines in a log
+            (:class:`tokenmorph.runtime.progress.Progress`).
 
     Returns:
         ``Features``: (N, D) float32 features and (N,) int64 labels on the CPU. Memory is bounded
         by the output itself: it is allocated once and filled batch by batch.
     """
-    from tqdm import tqdm
-
     if device is None:
         device = next(backbone.model.parameters()).device
     device = torch.device(device)
@@ -113,7 +114,7 @@ def extract_features(
     )
     filled = skipped = 0
     with (
-        tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar,
+        Progress(total, desc, "img", enabled=progress) as bar,
         torch.inference_mode(),
         torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_amp(amp, device)),
     ):
@@ -125,8 +126,7 @@ def extract_features(
                 feats[filled : filled + n] = out.float().cpu()
                 labels[filled : filled + n] = targets
                 filled += n
-            bar.update(n + n_skipped)
-            bar.set_postfix(skipped=skipped, refresh=False)
+            bar.update(n + n_skipped, skipped=skipped)
     # Views of the first rows: the skipped images' unused rows are left behind, never copied.
     return Features(feats[:filled], labels[:filled], skipped)
 
@@ -150,15 +150,20 @@ class EvalData:
     seed: int = 0
 
 
-def _short_side(dataset: Dataset) -> int:
-    """Short side of a data set's images: Fashion-MNIST's array shape, or the first file's
-    header."""
-    from PIL import Image
-
+def _short_side(dataset: Dataset, tries: int = 100) -> int:
+    """Short side of a data set's images: Fashion-MNIST's array shape, or that of the first of
+    its files that decodes (undecodable ones are skipped, as the extraction skips them)."""
     if isinstance(dataset, FashionMNIST):
         return min(dataset.data.shape[1:])
-    with Image.open(dataset.files[0]) as im:
-        return min(im.size)
+    for path in dataset.files[:tries]:
+        try:
+            return min(open_rgb(path).size)
+        except DataError:
+            continue
+    raise DataError(
+        f"none of the first {min(tries, len(dataset.files))} images under {dataset.root} "
+        "decodes; check the evaluation data"
+    )
 
 
 def _check_labelled_tree(flag: str, root: Path) -> None:
@@ -323,7 +328,7 @@ def emit_report(
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for r in cells:
         print("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
-    text = json.dumps(result)
+    text = dump_json(result)
     if out:
         path = Path(out).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ def knn_classify(
     temperature: float = 0.07,
     num_classes: int | None = None,
     chunk_size: int = 1024,
+    progress: bool = False,
 ) -> dict:
     """Weighted k-NN accuracy of ``test_feats`` against ``train_feats``.
 
@@ -43,6 +44,7 @@ def knn_classify(
         num_classes: C (default: the largest label + 1).
         chunk_size: queries per chunk. Peak extra memory is about chunk_size x N similarities (4
             bytes each; 1024 x 1.28 M ImageNet images = 5 GB: use a smaller chunk there).
+        progress: report the query chunks (:class:`tokenmorph.runtime.progress.Progress`).
 
     Returns:
         ``{k: {"top1": float, "top5": float}}`` for each capped k, ascending; fractions in [0,
@@ -50,6 +52,8 @@ def knn_classify(
     """
     import torch
     import torch.nn.functional as F
+
+    from ..runtime.progress import Progress
 
     n_train, n_test = len(train_labels), len(test_labels)
     if n_train == 0 or n_test == 0:
@@ -61,6 +65,7 @@ def knn_classify(
     train = F.normalize(train_feats.float(), dim=1)
     train_labels = train_labels.to(device)
     hits = {k: torch.zeros(2, dtype=torch.long, device=device) for k in capped}
+    report = Progress(n_test, "k-NN queries", "img", enabled=progress)
     for start in range(0, n_test, chunk_size):
         queries = F.normalize(test_feats[start : start + chunk_size].to(device).float(), dim=1)
         labels = test_labels[start : start + chunk_size].to(device)
@@ -73,6 +78,8 @@ def knn_classify(
             votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
             top1, top5 = topk_correct(votes, labels)
             hits[k] += torch.stack([top1.sum(), top5.sum()])
+        report.update(len(queries))
+    report.close()
     return {
         k: {"top1": h[0].item() / n_test, "top5": h[1].item() / n_test} for k, h in hits.items()
     }

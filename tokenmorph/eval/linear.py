@@ -61,6 +61,7 @@ def linear_probe(
     batchnorm: bool = False,
     seed: int = 0,
     momentum: float = 0.9,
+    progress: bool = False,
 ) -> dict:
     """Train one linear classifier per learning rate on frozen features, together; evaluate each
        on
@@ -80,6 +81,7 @@ def linear_probe(
         seed: draws the initial weight (N(0, 0.01^2), bias 0; the same for every lr) and the
         batch order.
         momentum: SGD momentum (no weight decay, as DINO's and MAE's probes).
+        progress: report the epochs (:class:`tokenmorph.runtime.progress.Progress`).
 
     Returns:
         ``{"per_lr": [{"lr", "top1", "top5"}, ...] in ``lrs`` order, "best": the entry with the
@@ -91,6 +93,8 @@ def linear_probe(
     """
     import torch
     import torch.nn.functional as F
+
+    from ..runtime.progress import Progress
 
     n, dim = train_feats.shape
     if n < 2 or len(val_labels) == 0:
@@ -127,7 +131,8 @@ def linear_probe(
     batches_per_epoch = max(1, n // batch_size)
     total_steps = epochs * batches_per_epoch
     small = device.type == "cpu" and batch_size * dim * num_lrs * num_classes < SMALL_STEP_MACS
-    with _intra_op_threads(1 if small else None):
+    report = Progress(epochs, f"linear probe ({num_lrs} lrs)", "epoch", enabled=progress)
+    with _intra_op_threads(1 if small else None), report:
         for epoch in range(epochs):
             order = torch.randperm(n, generator=gen).to(device)
             for b in range(batches_per_epoch):
@@ -147,6 +152,7 @@ def linear_probe(
                     for p, v, g in zip(params, velocity, grads):
                         v.mul_(momentum).add_(g)  # torch.optim.SGD's momentum (dampening 0)
                         p.sub_(lr * v)
+            report.update(1)
         norm.eval()
         hits = torch.zeros(2, num_lrs, dtype=torch.long, device=device)
         with torch.no_grad():

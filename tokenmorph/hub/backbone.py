@@ -8,6 +8,7 @@ turns [0, 1] images into pooled features or tokens.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ModelError
 from ..models import StudentRecord, student_from_checkpoint
-from ..runtime.checkpoints import latest_checkpoint, load_checkpoint
+from ..runtime.checkpoints import latest_checkpoint, load_checkpoint, newest_readable_checkpoint
 from .release_weights import DTM_RELEASE_PREFIX, dtm_release_checkpoint
 
 __all__ = ["Backbone", "load_backbone", "load_pretrain_checkpoint"]
@@ -69,22 +70,31 @@ class Backbone:
         return t[:, self.num_prefix_tokens :].mean(dim=1)
 
 
+def _warn(text: str) -> None:
+    print(f"[tokenmorph] {text}", file=sys.stderr, flush=True)
+
+
 def load_pretrain_checkpoint(spec, purpose: str) -> tuple[dict, Path, StudentRecord]:
     """(checkpoint, path, record) of a pre-training checkpoint file or run folder (its newest
-    checkpoint), or of ``dtm-release:FILE``, a checkpoint of the official DTM release
-    (:func:`~.release_weights.dtm_release_checkpoint`); one-line errors for a missing path,
-    another kind of checkpoint, or one without a student record."""
+    readable checkpoint; newer unreadable ones are named on stderr), or of ``dtm-release:FILE``,
+    a checkpoint of the official DTM release (:func:`~.release_weights.dtm_release_checkpoint`);
+    one-line errors for a missing path, another kind of checkpoint, or one without a student
+    record."""
     if str(spec).startswith(DTM_RELEASE_PREFIX):
         path = Path(str(spec)[len(DTM_RELEASE_PREFIX) :])
         ckpt, _ = dtm_release_checkpoint(path)
         return ckpt, path, StudentRecord.from_checkpoint(ckpt, str(path))
-    path = latest_checkpoint(Path(spec))
+    spec = Path(spec)
+    if spec.is_dir():  # a run folder: its newest checkpoint that reads (unreadable ones named)
+        path, ckpt = newest_readable_checkpoint(spec, _warn)
+    else:
+        path = latest_checkpoint(spec)
+        ckpt = load_checkpoint(path) if path is not None else None
     if path is None:
         raise CheckpointError(
-            f"no checkpoint found at {spec}: give a checkpoint file or a run folder with "
-            f"checkpoints/"
+            f"no checkpoint found at {spec}: give a checkpoint file or a run folder with readable "
+            "checkpoints in checkpoints/"
         )
-    ckpt = load_checkpoint(path)
     if ckpt.get("kind") != "pretrain":
         raise CheckpointError(
             f"{path} is a {ckpt.get('kind')!r} checkpoint; {purpose} needs a pre-training "

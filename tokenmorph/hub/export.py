@@ -51,11 +51,13 @@ How the recipe is built, and why:
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
 from ..models.arch import rel_pos_of, timm_encoder_kwargs, timm_family, timm_model_name
 from ..models.layouts import per_block_tables
+from ..runtime.run_logger import dump_json
 
 __all__ = [
     "GLOBAL_POOLS",
@@ -145,8 +147,30 @@ def _check_loadable(name: str, kwargs: dict, state: dict, source: Path) -> None:
         )
 
 
+def _check_output(out_path: Path, force: bool) -> None:
+    """``ConfigError`` before any work for an output that is a folder, that exists (without
+    ``force``), or whose folder cannot be written."""
+    json_path = out_path.with_suffix(".json")
+    for p in (out_path, json_path):
+        if p.is_dir():
+            raise ConfigError(f"{p} is a folder; give the path of a .safetensors file to write")
+        if p.exists() and not force:
+            raise ConfigError(f"{p} exists; pass --force to overwrite it, or another path")
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_path.parent):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write {out_path} ({e.strerror or e}); give a path in a folder you can write to"
+        ) from None
+
+
 def export_encoder(
-    ckpt_or_run_dir: str | Path, out_path: str | Path, global_pool: str = "avg"
+    ckpt_or_run_dir: str | Path,
+    out_path: str | Path,
+    global_pool: str = "avg",
+    force: bool = False,
 ) -> tuple[Path, Path]:
     """Write the student encoder of a pre-training checkpoint for timm.
 
@@ -157,6 +181,7 @@ def export_encoder(
         global_pool: the timm model's pooling: ``"avg"`` (mean of the normalised patch tokens),
             ``"token"`` (normalised CLS token) or ``""`` (``model(x)`` returns the tokens). It
             changes no weight and not ``forward_features``.
+        force: overwrite existing output files (refused otherwise).
 
     Returns:
         (weights path, JSON path).
@@ -165,7 +190,8 @@ def export_encoder(
         CheckpointError: no checkpoint there, not a tokenmorph checkpoint, not a pre-training
             checkpoint, weights that timm's Beit (or VisionTransformer, for an MAE student)
             cannot take.
-        ConfigError: an output name without ``.safetensors``.
+        ConfigError: an output name without ``.safetensors``, an output that is a folder, that
+            exists (without ``force``) or that cannot be written.
         ValueError: an unknown ``global_pool``.
     """
     import timm
@@ -180,6 +206,7 @@ def export_encoder(
             f"{out_path}: the output must end in .safetensors (timm chooses its loader by the "
             "suffix)"
         )
+    _check_output(out_path, force)
     ckpt, path, record = load_pretrain_checkpoint(ckpt_or_run_dir, "export")
 
     # The encoder's weights are the checkpoint's "encoder." entries (an MAE decoder is left out):
@@ -200,7 +227,6 @@ def export_encoder(
     )
     _check_loadable(name, json.loads(json.dumps(kwargs)), state, path)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out_path), metadata={"format": "pt"})
     json_path = out_path.with_suffix(".json")
     spec = {
@@ -227,7 +253,7 @@ def export_encoder(
         "timm_version": timm.__version__,
         "tokenmorph_version": __version__,
     }
-    json_path.write_text(json.dumps(spec, indent=2) + "\n")
+    json_path.write_text(dump_json(spec, indent=2) + "\n")
     return out_path, json_path
 
 

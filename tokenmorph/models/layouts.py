@@ -14,8 +14,8 @@ Sections, one per layout:
 * **MAE** (facebookresearch/mae ``models_mae.py``, the encoder-only and the "visualize" layouts):
   :func:`mae_layout`, :func:`mae_to_student`, :func:`mae_arch`.
 
-A mapping renames keys and never changes a tensor; loading stays strict, so whatever a mapping does
-not place shows up as a missing or unexpected key.
+A mapping renames keys and never changes a tensor; loading stays strict, so whatever a mapping
+does not place shows up as a missing or unexpected key.
 """
 
 from __future__ import annotations

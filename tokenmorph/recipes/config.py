@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -29,11 +30,14 @@ from ..models.student import STUDENT_INITS
 from ..models.teachers import TEACHER_NAMES, is_teacher_name
 from ..ops.degrade import DEGRADATIONS, default_zoom_out_content
 from ..ops.losses import DISTANCES, SCHEDULERS
+from ..ops.masking import num_random_masked
 from ..ops.morph import MODES
 from ..ops.patches import PIXEL_NORMS
-from ..runtime.optim import LR_SCALING
+from ..runtime.optim import LR_SCALING, scaled_lr
 from ..runtime.precision import PRECISIONS
+from ..runtime.resume import FIXED, FREE
 from ..runtime.sampling import check_batch_layout
+from .objectives import resolve_loss
 
 __all__ = [
     "ConfigError",
@@ -52,6 +56,14 @@ __all__ = [
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SIZES = tuple(STUDENT_SIZES)
 _UNIONS = (Union, types.UnionType)  # Optional[X] and X | None
+# Upper bounds of the sizes: far beyond any real run, low enough that a typo (img_size=100000)
+# is a one-line error instead of a 30 GB allocation.
+MAX_IMG_SIZE, MAX_DEPTH, MAX_WIDTH = 4096, 128, 8192
+
+# Field metadata: doc (the --list-keys text), choices, check (a predicate), min / max (inclusive
+# bounds), below (an exclusive upper bound), teacher_setting, and resume: how the key may change
+# when a run folder is resumed (FREE: does not change training; FIXED: the model is built from
+# it; unmarked: changes the run's meaning, see tokenmorph.runtime.resume).
 
 
 def masks_input(cfg) -> bool:
@@ -70,13 +82,16 @@ class EngineConfig:
     )
     max_steps: int | None = field(
         default=None,
-        metadata=dict(doc="training length in optimiser steps (overrides epochs)", min=0),
+        metadata=dict(doc="training length in optimiser steps (overrides epochs)", min=1),
     )
     batch_size: int = field(
         default=1024, metadata=dict(doc="global batch (all ranks, all accumulation steps)", min=1)
     )
     accum_steps: int = field(
-        default=1, metadata=dict(doc="gradient-accumulation micro-steps per optimiser step", min=1)
+        default=1,
+        metadata=dict(
+            resume=FREE, doc="gradient-accumulation micro-steps per optimiser step", min=1
+        ),
     )
     lr: float = field(
         default=1.5e-4, metadata=dict(doc="base learning rate (scaled by lr_scaling)", min=0.0)
@@ -104,8 +119,8 @@ class EngineConfig:
     weight_decay_end: float | None = field(
         default=None, metadata=dict(doc="cosine weight-decay schedule end value", min=0.0)
     )
-    beta1: float = field(default=0.9, metadata=dict(doc="AdamW beta1", min=0.0, max=1.0))
-    beta2: float = field(default=0.98, metadata=dict(doc="AdamW beta2", min=0.0, max=1.0))
+    beta1: float = field(default=0.9, metadata=dict(doc="AdamW beta1", min=0.0, below=1.0))
+    beta2: float = field(default=0.98, metadata=dict(doc="AdamW beta2", min=0.0, below=1.0))
     clip_grad: float | None = field(
         default=3.0, metadata=dict(doc="gradient-norm clipping (None = off)", min=0.0)
     )
@@ -117,37 +132,64 @@ class EngineConfig:
         ),
     )
     device: str = field(
-        default="auto", metadata=dict(doc="cpu, cuda, or auto", choices=("auto", "cpu", "cuda"))
+        default="auto",
+        metadata=dict(resume=FREE, doc="cpu, cuda, or auto", choices=("auto", "cpu", "cuda")),
     )
     seed: int = field(default=0, metadata=dict(doc="seed of every random choice"))
     num_workers: int = field(
-        default=2, metadata=dict(doc="data-loader worker processes per rank", min=0)
+        default=2, metadata=dict(resume=FREE, doc="data-loader worker processes per rank", min=0)
     )
     output_dir: str | None = field(
-        default=None, metadata=dict(doc="run folder (default runs/<config name>)")
+        default=None, metadata=dict(resume=FREE, doc="run folder (default runs/<config name>)")
     )
     stop_after: int | None = field(
         default=None,
         metadata=dict(
+            resume=FREE,
             doc="end this invocation after N more steps with a checkpoint (the schedule still "
             "spans the whole run; rerun to go on)",
             min=1,
         ),
     )
     save_every: int = field(
-        default=1000, metadata=dict(doc="checkpoint every N steps (and at the end)", min=1)
+        default=1000,
+        metadata=dict(resume=FREE, doc="checkpoint every N steps (and at the end)", min=1),
     )
-    keep_last: int = field(default=3, metadata=dict(doc="checkpoints kept", min=1))
-    log_every: int = field(default=10, metadata=dict(doc="metrics.jsonl line every N steps", min=1))
+    keep_last: int = field(default=3, metadata=dict(resume=FREE, doc="checkpoints kept", min=1))
+    log_every: int = field(
+        default=10, metadata=dict(resume=FREE, doc="metrics.jsonl line every N steps", min=1)
+    )
     nan_policy: str = field(
         default="stop",
-        metadata=dict(doc="non-finite loss: stop, or skip the step", choices=("stop", "skip")),
+        metadata=dict(
+            resume=FREE, doc="non-finite loss: stop, or skip the step", choices=("stop", "skip")
+        ),
     )
-    tensorboard: bool = field(default=True, metadata=dict(doc="write TensorBoard logs"))
+    tensorboard: bool = field(
+        default=True, metadata=dict(resume=FREE, doc="write TensorBoard logs")
+    )
     grad_checkpointing: bool = field(
-        default=False, metadata=dict(doc="recompute activations in backward (saves memory)")
+        default=False,
+        metadata=dict(resume=FREE, doc="recompute activations in backward (saves memory)"),
     )
-    name: str = field(default="run", metadata=dict(doc="run name (set from the config file name)"))
+    name: str = field(
+        default="run", metadata=dict(resume=FREE, doc="run name (set from the config file name)")
+    )
+    apply_changes: bool = field(
+        default=False,
+        metadata=dict(
+            resume=FREE,
+            doc="on resume, apply changed settings from the current step (--apply-changes) "
+            "instead of refusing them",
+        ),
+    )
+    allow_output_in_data: bool = field(
+        default=False,
+        metadata=dict(
+            resume=FREE,
+            doc="allow an output folder inside the data folder (it is left out of the data)",
+        ),
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -161,6 +203,12 @@ class EngineConfig:
         )  # the process count is checked at launch
         if self.max_steps is None and self.epochs <= 0:
             raise ConfigError("set epochs > 0 or max_steps")
+        peak = scaled_lr(self)
+        if self.min_lr > peak:
+            raise ConfigError(
+                f"min_lr={self.min_lr:g} is above the learning rate {peak:g} (lr={self.lr:g}, "
+                f"lr_scaling={self.lr_scaling}): the cosine would climb; set min_lr <= lr"
+            )
         return self
 
 
@@ -170,19 +218,31 @@ class PretrainConfig(EngineConfig):
     --list-keys``."""
 
     # student
-    model: str = field(default="small", metadata=dict(doc="student size", choices=SIZES))
-    img_size: int = field(default=224, metadata=dict(doc="input side in pixels", min=8))
-    patch_size: int = field(default=16, metadata=dict(doc="patch side in pixels", min=1))
-    depth: int | None = field(default=None, metadata=dict(doc="override the size's depth", min=1))
+    model: str = field(
+        default="small", metadata=dict(resume=FIXED, doc="student size", choices=SIZES)
+    )
+    img_size: int = field(
+        default=224,
+        metadata=dict(resume=FIXED, doc="input side in pixels", min=8, max=MAX_IMG_SIZE),
+    )
+    patch_size: int = field(
+        default=16,
+        metadata=dict(resume=FIXED, doc="patch side in pixels", min=1, max=MAX_IMG_SIZE),
+    )
+    depth: int | None = field(
+        default=None,
+        metadata=dict(resume=FIXED, doc="override the size's depth", min=1, max=MAX_DEPTH),
+    )
     drop_path: float = field(
         default=0.1, metadata=dict(doc="stochastic depth rate", min=0.0, max=1.0)
     )
     layer_scale_init: float = field(
-        default=0.1, metadata=dict(doc="LayerScale init value", min=0.0)
+        default=0.1, metadata=dict(resume=FIXED, doc="LayerScale init value", min=0.0)
     )
     rel_pos_bias: str = field(
         default="both",
         metadata=dict(
+            resume=FIXED,
             doc="framework=beit relative position bias: both (each block's own table + the "
             "shared one, the DTM release's), shared, or per_block",
             choices=REL_POS,
@@ -191,6 +251,7 @@ class PretrainConfig(EngineConfig):
     init: str = field(
         default="release",
         metadata=dict(
+            resume=FIXED,
             doc="framework=beit student init: release (DTM's: trunc normal std 0.02 cut at "
             "+-0.02, biases 0, per-layer output rescaling) or timm (timm's Beit init)",
             choices=tuple(STUDENT_INITS),
@@ -198,7 +259,8 @@ class PretrainConfig(EngineConfig):
     )
     # teacher
     teacher: str = field(
-        default="clip-vit-b16", metadata=dict(doc=" | ".join(TEACHER_NAMES), check=is_teacher_name)
+        default="clip-vit-b16",
+        metadata=dict(resume=FIXED, doc=" | ".join(TEACHER_NAMES), check=is_teacher_name),
     )
     # settings written for one teacher (teacher_setting): reset when an override changes the
     # teacher
@@ -211,7 +273,12 @@ class PretrainConfig(EngineConfig):
     )
     teacher_input_size: int | None = field(
         default=None,
-        metadata=dict(doc="side the teacher sees (default: its own)", min=8, teacher_setting=True),
+        metadata=dict(
+            doc="side the teacher sees (default: its own)",
+            min=8,
+            max=MAX_IMG_SIZE,
+            teacher_setting=True,
+        ),
     )
     teacher_normalization: str = field(
         default="default",
@@ -233,6 +300,7 @@ class PretrainConfig(EngineConfig):
     framework: str = field(
         default="beit",
         metadata=dict(
+            resume=FIXED,
             doc="beit: the student sees all tokens (mask token, block masks); mae: encoder on "
             "visible tokens + decoder",
             choices=tuple(FRAMEWORKS),
@@ -241,6 +309,7 @@ class PretrainConfig(EngineConfig):
     objective: str = field(
         default="mask",
         metadata=dict(
+            resume=FIXED,
             doc="input degradation: masking, or a Beyond Masking objective (zoom_in_mask = the "
             "best practice)",
             choices=tuple(DEGRADATIONS),
@@ -249,7 +318,9 @@ class PretrainConfig(EngineConfig):
     loss: str = field(
         default="auto",
         metadata=dict(
-            doc="auto: mse for teacher=pixels, dtm otherwise", choices=("auto", "dtm", "mse")
+            resume=FIXED,
+            doc="auto: mse for teacher=pixels, dtm otherwise",
+            choices=("auto", "dtm", "mse"),
         ),
     )
     pixel_norm: str = field(
@@ -269,19 +340,27 @@ class PretrainConfig(EngineConfig):
     decoder: str = field(
         default="release",
         metadata=dict(
+            resume=FIXED,
             doc="framework=mae decoder preset: release 4 x 384, mae 8 x 512",
             choices=tuple(DECODER_PRESETS),
         ),
     )
     decoder_depth: int | None = field(
-        default=None, metadata=dict(doc="decoder blocks (default: the preset's)", min=1)
+        default=None,
+        metadata=dict(
+            resume=FIXED, doc="decoder blocks (default: the preset's)", min=1, max=MAX_DEPTH
+        ),
     )
     decoder_dim: int | None = field(
-        default=None, metadata=dict(doc="decoder width (default: the preset's)", min=8)
+        default=None,
+        metadata=dict(
+            resume=FIXED, doc="decoder width (default: the preset's)", min=8, max=MAX_WIDTH
+        ),
     )
     decoder_heads: int | None = field(
         default=None,
         metadata=dict(
+            resume=FIXED,
             doc="decoder attention heads (default: the preset's; width / 32 for another width)",
             min=1,
         ),
@@ -289,8 +368,9 @@ class PretrainConfig(EngineConfig):
     init_weights: str | None = field(
         default=None,
         metadata=dict(
+            resume=FIXED,
             doc="framework=mae: start from an official MAE checkpoint (mae_pretrain_vit_*.pth, "
-            "encoder only, or a visualize one with the decoder); loaded strictly before step 0"
+            "encoder only, or a visualize one with the decoder); loaded strictly before step 0",
         ),
     )
     zoom_ring_patches: int | None = field(
@@ -337,7 +417,7 @@ class PretrainConfig(EngineConfig):
     # data
     data: str = field(
         default="fashion-mnist",
-        metadata=dict(doc="folder of images (flat or class tree) or fashion-mnist"),
+        metadata=dict(resume=FREE, doc="folder of images (flat or class tree) or fashion-mnist"),
     )
     crop_scale_min: float = field(
         default=0.08, metadata=dict(doc="RandomResizedCrop smallest scale", min=0.0, max=1.0)
@@ -355,7 +435,9 @@ class PretrainConfig(EngineConfig):
     )
     on_bad_image: str = field(
         default="skip",
-        metadata=dict(doc="undecodable file: skip and count, or stop", choices=("skip", "raise")),
+        metadata=dict(
+            resume=FREE, doc="undecodable file: skip and count, or stop", choices=("skip", "raise")
+        ),
     )
     # masking
     num_masked: int = field(
@@ -435,7 +517,25 @@ class PretrainConfig(EngineConfig):
                     "and "
                     f"img_size (mirror padding reflects the content once)"
                 )
+        self._check_masking(n, masked_objective)
         return self
+
+    def _check_masking(self, n: int, masked_objective: bool) -> None:
+        """Masks that leave nothing to learn, or that the block sampler cannot draw."""
+        beit = self.framework == "beit"
+        if beit and masked_objective and self.num_masked > 0 and self.min_mask_block > n:
+            raise ConfigError(
+                f"min_mask_block={self.min_mask_block} exceeds the {n} patches of a "
+                f"{self.img_size}px image with patch_size={self.patch_size}; lower it"
+            )
+        masked = self.num_masked if beit else num_random_masked(n, self.mask_ratio)
+        on_masked_only = self.loss_on == "masked" or resolve_loss(self) == "mse"
+        if self.objective == "mask" and masked == 0 and on_masked_only:
+            what = "num_masked=0" if beit else f"mask_ratio={self.mask_ratio} masks 0 of {n} tokens"
+            raise ConfigError(
+                f"{what}: the loss covers the masked tokens only, so it is zero and nothing is "
+                "learnt; mask some tokens (raise num_masked or mask_ratio)"
+            )
 
 
 @dataclass
@@ -446,18 +546,26 @@ class FinetuneConfig(EngineConfig):
     checkpoint: str | None = field(
         default=None,
         metadata=dict(
+            resume=FIXED,
             doc="pre-trained backbone: a tokenmorph checkpoint or run folder (None = random init "
-            "of model)"
+            "of model)",
         ),
     )
     model: str = field(
-        default="small", metadata=dict(doc="size when training from scratch", choices=SIZES)
+        default="small",
+        metadata=dict(resume=FIXED, doc="size when training from scratch", choices=SIZES),
     )
     img_size: int | None = field(
-        default=None, metadata=dict(doc="input side (default: the checkpoint's)", min=8)
+        default=None,
+        metadata=dict(
+            resume=FIXED, doc="input side (default: the checkpoint's)", min=8, max=MAX_IMG_SIZE
+        ),
     )
     patch_size: int = field(
-        default=16, metadata=dict(doc="patch side when training from scratch", min=1)
+        default=16,
+        metadata=dict(
+            resume=FIXED, doc="patch side when training from scratch", min=1, max=MAX_IMG_SIZE
+        ),
     )
     drop_path: float = field(
         default=0.1, metadata=dict(doc="stochastic depth rate", min=0.0, max=1.0)
@@ -468,12 +576,15 @@ class FinetuneConfig(EngineConfig):
     global_pool: str = field(
         default="avg",
         metadata=dict(
-            doc="mean-pooled patch tokens + fc_norm, or the CLS token", choices=("avg", "token")
+            resume=FIXED,
+            doc="mean-pooled patch tokens + fc_norm, or the CLS token",
+            choices=("avg", "token"),
         ),
     )
     rel_pos_init: str = field(
         default="own_plus_shared",
         metadata=dict(
+            resume=FIXED,
             doc="each block's relative position table starts from its own + the shared one "
             "(the release's documented launch), the shared one only (the script's default), its "
             "own only, or the pre-trained layout as it is",
@@ -483,11 +594,13 @@ class FinetuneConfig(EngineConfig):
     # data and augmentation
     data: str = field(
         default="fashion-mnist",
-        metadata=dict(doc="training data: an ImageFolder tree, or fashion-mnist"),
+        metadata=dict(resume=FREE, doc="training data: an ImageFolder tree, or fashion-mnist"),
     )
     val_data: str | None = field(
         default=None,
-        metadata=dict(doc="validation ImageFolder tree (fashion-mnist: its test split)"),
+        metadata=dict(
+            resume=FREE, doc="validation ImageFolder tree (fashion-mnist: its test split)"
+        ),
     )
     crop_pct: float | None = field(
         default=None,
@@ -505,14 +618,14 @@ class FinetuneConfig(EngineConfig):
         default=0.25, metadata=dict(doc="random-erasing probability", min=0.0, max=1.0)
     )
     eval_batch_size: int = field(
-        default=256, metadata=dict(doc="batch of the final evaluation", min=1)
+        default=256, metadata=dict(resume=FREE, doc="batch of the final evaluation", min=1)
     )
     # the paper's fine-tuning optimiser (AdamW, lr 5e-4, wd 0.05), overriding the pre-training
     # defaults
     lr: float = field(
         default=5e-4, metadata=dict(doc="base learning rate (scaled by lr_scaling)", min=0.0)
     )
-    beta2: float = field(default=0.999, metadata=dict(doc="AdamW beta2", min=0.0, max=1.0))
+    beta2: float = field(default=0.999, metadata=dict(doc="AdamW beta2", min=0.0, below=1.0))
     clip_grad: float | None = field(
         default=None, metadata=dict(doc="gradient-norm clipping (None = off)", min=0.0)
     )
@@ -539,13 +652,16 @@ KINDS_BY_CLASS = {v: k for k, v in CONFIG_CLASSES.items()}
 
 
 def describe_keys(kind: str) -> str:
-    """One line per key of a config kind: name, default, meaning, choices (for --list-keys)."""
+    """One line per key of a config kind: name, default, meaning, choices, and how it may change
+    on resume when it is free or fixed (unmarked keys change the run's meaning), for
+    --list-keys."""
     lines = []
     for f in fields(CONFIG_CLASSES[kind]):
         meta = f.metadata
         choices = f" [{' | '.join(meta['choices'])}]" if "choices" in meta else ""
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        lines.append(f"{f.name:24s} {str(default):14s} {meta.get('doc', '')}{choices}")
+        resume = f" (on resume: {meta['resume']})" if "resume" in meta else ""
+        lines.append(f"{f.name:24s} {str(default):14s} {meta.get('doc', '')}{choices}{resume}")
     return "\n".join(lines)
 
 
@@ -608,6 +724,8 @@ def _check_value(f, value: Any) -> None:
     meta = f.metadata
     if value is None:
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{f.name}={value!r} is not a finite number")
     choices = meta.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{f.name}={value!r} is not one of: {', '.join(map(str, choices))}")
@@ -617,6 +735,8 @@ def _check_value(f, value: Any) -> None:
         raise ConfigError(f"{f.name}={value!r} is below its minimum {meta['min']}")
     if "max" in meta and value > meta["max"]:
         raise ConfigError(f"{f.name}={value!r} is above its maximum {meta['max']}")
+    if "below" in meta and value >= meta["below"]:
+        raise ConfigError(f"{f.name}={value!r} must be below {meta['below']}")
 
 
 def _field(cls, name: str):
@@ -685,8 +805,19 @@ def load_config(name_or_path: str, overrides: dict | None = None, kind: str = "p
     return cfg.validate()
 
 
-def _load_into(cfg: EngineConfig, name_or_path: str, kind: str, seen: set) -> None:
-    path = Path(name_or_path)
+def _load_into(
+    cfg: EngineConfig, name_or_path: str, kind: str, seen: set, folder: Path | None = None
+) -> None:
+    """Load a config file into ``cfg``, its ``base:`` first. ``folder``: the folder of the file
+    that names ``name_or_path`` as its base; a relative path there is resolved against it."""
+    path = Path(name_or_path).expanduser()
+    if folder is not None and path.suffix in (".yaml", ".yml") and not path.is_absolute():
+        path = folder / path
+        if not path.exists():
+            raise ConfigError(
+                f"base: {name_or_path} names {path}, which does not exist (a base path is "
+                "relative to the file that names it)"
+            )
     if not (path.suffix in (".yaml", ".yml") and path.exists()):
         shipped = _config_dir(kind) / f"{name_or_path}.yaml"
         if not shipped.exists():
@@ -706,7 +837,7 @@ def _load_into(cfg: EngineConfig, name_or_path: str, kind: str, seen: set) -> No
         raise ConfigError(f"{path} must hold a mapping of key: value")
     base = data.pop("base", None)
     if base:
-        _load_into(cfg, base, kind, seen)
+        _load_into(cfg, str(base), kind, seen, folder=path.parent)
     cfg.name = path.stem
     apply(cfg, data, str(path))
 

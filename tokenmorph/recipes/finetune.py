@@ -127,9 +127,15 @@ def build_model(cfg, num_classes: int, student=None, source=None):
                 state = checkpoint_filter_fn(state, model)
         own = model.state_dict()
         dropped = sorted(k for k in state if k not in own)
-        missing, unexpected = model.load_state_dict(
-            {k: v for k, v in state.items() if k in own}, strict=False
-        )
+        try:
+            missing, unexpected = model.load_state_dict(
+                {k: v for k, v in state.items() if k in own}, strict=False
+            )
+        except RuntimeError as e:  # a tensor of another shape
+            raise CheckpointError(
+                f"pre-trained weights of {source} do not fit the fine-tuning model "
+                f"({' '.join(str(e).split())[:300]})"
+            ) from None
         if unexpected or any(not k.startswith(("head.", "fc_norm.")) for k in missing):
             raise CheckpointError(
                 f"pre-trained weights do not fit the fine-tuning model: missing "
@@ -160,9 +166,10 @@ def _use_compatible_posterize() -> None:
         auto_augment.NAME_TO_OP[name] = posterize
 
 
-def build_datasets(cfg, img_size: int, mean, std):
+def build_datasets(cfg, img_size: int, mean, std, exclude=()):
     """(train, val, class names) with timm's training transform (RandAugment, random erasing) and
-    eval transform, grey images as 3 channels."""
+    eval transform, grey images as 3 channels; ``exclude``: folders left out of the scans (the
+    run folder)."""
     import torchvision.transforms as T
     from timm.data import create_transform
 
@@ -199,9 +206,13 @@ def build_datasets(cfg, img_size: int, mean, std):
             ),
         ]
     )
-    train = build_dataset(cfg.data, train=True, transform=train_tf, labels="folders")
+    train = build_dataset(
+        cfg.data, train=True, transform=train_tf, labels="folders", exclude=exclude
+    )
     if cfg.val_data is not None:
-        val = build_dataset(cfg.val_data, train=False, transform=eval_tf, labels="folders")
+        val = build_dataset(
+            cfg.val_data, train=False, transform=eval_tf, labels="folders", exclude=exclude
+        )
     elif cfg.data.startswith("fashion-mnist"):
         val = build_dataset(cfg.data, train=False, transform=eval_tf)
     else:
@@ -256,18 +267,19 @@ def evaluate(model, dataset, batch_size: int, device, autocast_dtype, num_worker
     """Top-1 / top-5 accuracy of ``model`` on ``dataset`` (skipped images are not counted)."""
     import torch
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
 
     from ..data import collate_skip
     from ..runtime.precision import autocast
+    from ..runtime.progress import Progress
 
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip
     )
     model.eval()
     correct1 = correct5 = total = 0
-    with torch.inference_mode():
-        for images, labels, _ in tqdm(loader, desc="evaluate", unit="batch", dynamic_ncols=True):
+    with torch.inference_mode(), Progress(len(loader), "evaluate", "batch") as progress:
+        for images, labels, _ in loader:
+            progress.update(1)
             if images.numel() == 0:
                 continue
             images, labels = images.to(device), labels.to(device)
@@ -286,22 +298,31 @@ def evaluate(model, dataset, batch_size: int, device, autocast_dtype, num_worker
 
 # ------------------------------------------------------------------------------------------ run
 def finetune(cfg, dist_info=None):
-    """Run (or resume) fine-tuning; returns the summary on rank 0 (None on other ranks)."""
-    from timm.optim import param_groups_layer_decay
-
-    from ..data import dataset_stats
-    from ..models.arch import timm_model_name
+    """Run (or resume) fine-tuning; returns the summary on rank 0 (None on other ranks).
+    Everything that can be refused (settings, run folder, data) is checked before the model is
+    built; a finished run is reported and left as it is."""
     from ..runtime.distributed import init_distributed
-    from ..runtime.engine import Engine
-    from ..runtime.run_folder import run_dir_for, run_in_folder
-    from ..runtime.sampling import KeyedDataset, check_batch_layout
-    from ..runtime.seeding import mix_seed, seed_all
+    from ..runtime.run_folder import RunFolder
+    from ..runtime.sampling import check_batch_layout
 
     cfg.validate()
     dist_info = dist_info or init_distributed(cfg.device)
     check_batch_layout(
         cfg.batch_size, cfg.accum_steps, dist_info.world_size
     )  # before any data or model is built
+    with RunFolder.open(cfg, dist_info, "finetune") as folder:
+        return _finetune_in(folder, cfg, dist_info)
+
+
+def _finetune_in(folder, cfg, dist_info):
+    from timm.optim import param_groups_layer_decay
+
+    from ..data import dataset_stats
+    from ..models.arch import timm_model_name
+    from ..runtime.engine import Engine
+    from ..runtime.sampling import KeyedDataset
+    from ..runtime.seeding import mix_seed, seed_all
+
     seed_all(mix_seed(cfg.seed, 0xF17E))  # the new head's init is part of the run's identity
     student, source = load_pretrained_student(cfg.checkpoint) if cfg.checkpoint else (None, None)
     if student is not None:  # the backbone's own input conventions
@@ -310,7 +331,10 @@ def finetune(cfg, dist_info=None):
     else:
         mean, std = (list(v) for v in dataset_stats(cfg.data))
         img_size = cfg.img_size or 224
-    train_set, val_set, classes = build_datasets(cfg, img_size, mean, std)
+    train_set, val_set, classes = build_datasets(cfg, img_size, mean, std, (folder.path,))
+    done = folder.check_data(train_set)
+    if done is not None:
+        return done
     model, kwargs, report = build_model(cfg, len(classes), student, source)
     model = model.to(dist_info.device)
     groups = param_groups_layer_decay(
@@ -328,7 +352,7 @@ def finetune(cfg, dist_info=None):
         model,
         ClassificationStep(cfg, len(classes)),
         KeyedDataset(train_set, cfg.seed),
-        run_dir_for(cfg),
+        folder.path,
         dist_info,
         kind="finetune",
         compat=compat,
@@ -368,4 +392,4 @@ def finetune(cfg, dist_info=None):
             "classes": len(classes),
         }
 
-    return run_in_folder(engine, cfg, describe, finish=final_evaluation, plot=False)
+    return folder.run(engine, describe, finish=final_evaluation, plot=False)

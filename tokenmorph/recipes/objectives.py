@@ -201,8 +201,8 @@ class PretrainObjective:
         return self._loss(pred, d, mask, out_mask, step, positions)
 
     def chunks(self, positions, batch_size: int) -> list[int]:
-        """The chunk of every sample: its position in the global batch // ``chunk_size`` (positions
-        None: a batch built outside the training loader, counted from 0)."""
+        """The chunk of every sample: its position in the global batch // ``chunk_size``
+        (positions None: a batch built outside the training loader, counted from 0)."""
         positions = range(batch_size) if positions is None else positions
         return [p // self.chunk_size for p in positions]
 

@@ -9,17 +9,14 @@ from ..models import DECODER_PRESETS, StudentRecord, create_mae_student, create_
 from ..models.teachers import build_teacher
 from ..runtime.distributed import DistInfo, init_distributed
 from ..runtime.engine import Engine
-from ..runtime.run_folder import run_dir_for, run_in_folder
+from ..runtime.resume import FIXED, keys_of_kind
+from ..runtime.run_folder import RunFolder
 from ..runtime.sampling import KeyedDataset, check_batch_layout
 from ..runtime.seeding import mix_seed, seed_all
 from .config import PretrainConfig
 from .objectives import PretrainObjective, resolve_loss, view_side
 
-__all__ = ["COMPAT_KEYS", "decoder_shape", "build_student_and_teacher", "pretrain"]
-
-# Settings a checkpoint must share with the run that resumes it (the rest may change, e.g.
-# max_steps).
-COMPAT_KEYS = ("model", "img_size", "patch_size", "depth", "teacher", "framework", "objective")
+__all__ = ["decoder_shape", "build_student_and_teacher", "pretrain"]
 
 
 def decoder_shape(cfg: PretrainConfig) -> dict:
@@ -92,26 +89,38 @@ def build_student_and_teacher(cfg: PretrainConfig, device: torch.device, mean=No
 
 
 def pretrain(cfg: PretrainConfig, dist_info: DistInfo | None = None) -> dict:
-    """Run (or resume) pre-training as configured; returns the summary (also in summary.json)."""
+    """Run (or resume) pre-training as configured; returns the summary (also in summary.json).
+    Everything that can be refused (settings, run folder, data) is checked before a model is
+    built; a finished run is reported and left as it is."""
     cfg.validate()
     dist_info = dist_info or init_distributed(cfg.device)
     check_batch_layout(
         cfg.batch_size, cfg.accum_steps, dist_info.world_size
     )  # before any data or model is built
-    # the loader crops the objective's view (the input side, or the larger zoom-in view); data
-    # before models
-    dataset = build_dataset(
-        cfg.data,
-        train=True,
-        on_error=cfg.on_bad_image,
-        transform=pretrain_transform(
-            view_side(cfg),
-            (cfg.crop_scale_min, 1.0),
-            cfg.color_jitter,
-            cfg.hflip,
-            cfg.crop_interpolation,
-        ),
-    )
+    with RunFolder.open(cfg, dist_info, "pretrain") as folder:
+        # the loader crops the objective's view (the input side, or the larger zoom-in view)
+        dataset = build_dataset(
+            cfg.data,
+            train=True,
+            on_error=cfg.on_bad_image,
+            transform=pretrain_transform(
+                view_side(cfg),
+                (cfg.crop_scale_min, 1.0),
+                cfg.color_jitter,
+                cfg.hflip,
+                cfg.crop_interpolation,
+            ),
+            exclude=(folder.path,),
+        )
+        done = folder.check_data(dataset)
+        if done is not None:
+            return done
+        engine, describe = _build_engine(cfg, dist_info, dataset, folder.path)
+        return folder.run(engine, describe)
+
+
+def _build_engine(cfg: PretrainConfig, dist_info: DistInfo, dataset, run_dir) -> tuple:
+    """(engine, banner text): teacher, student and objective of ``cfg`` on ``dataset``."""
     mean, std = dataset_stats(cfg.data)
     student, teacher = build_student_and_teacher(cfg, dist_info.device, mean, std)
     init_note = ""
@@ -123,7 +132,7 @@ def pretrain(cfg: PretrainConfig, dist_info: DistInfo | None = None) -> dict:
     record = StudentRecord(
         cfg.framework, cfg.model, student.arch, teacher.dim, cfg.teacher, tuple(mean), tuple(std)
     )
-    compat = {k: getattr(cfg, k) for k in COMPAT_KEYS} | {
+    compat = {k: getattr(cfg, k) for k in keys_of_kind(cfg, FIXED)} | {
         "target_dim": teacher.dim,
         "loss": resolve_loss(cfg),
     }
@@ -132,7 +141,7 @@ def pretrain(cfg: PretrainConfig, dist_info: DistInfo | None = None) -> dict:
         student,
         objective,
         KeyedDataset(dataset, cfg.seed, extra_fn=objective.sample),
-        run_dir_for(cfg),
+        run_dir,
         dist_info,
         kind="pretrain",
         compat=compat,
@@ -148,4 +157,4 @@ def pretrain(cfg: PretrainConfig, dist_info: DistInfo | None = None) -> dict:
         f"{dist_info.world_size} process(es) "
         f"on {dist_info.device}, output {engine.run_dir}{init_note}"
     )
-    return run_in_folder(engine, cfg, describe)
+    return engine, describe

@@ -16,6 +16,9 @@ __all__ = [
     "init_distributed",
     "shutdown_distributed",
     "all_reduce",
+    "all_reduce_sums",
+    "barrier",
+    "is_peer_failure",
     "env_rank",
 ]
 
@@ -85,3 +88,30 @@ def all_reduce(info: DistInfo, value: float, op: str = "sum") -> float:
     t = torch.tensor([value], dtype=torch.float64, device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return float(t.item())
+
+
+def all_reduce_sums(info: DistInfo, values: list[float]) -> list[float]:
+    """Several numbers summed over the ranks in ONE collective (float64); themselves in one
+    process."""
+    if not info.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (nothing in one process)."""
+    if info.distributed:
+        dist.barrier()
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because another process of the group is gone
+    (killed, crashed): torch's distributed errors, or gloo's / NCCL's runtime errors."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        k in text for k in ("gloo", "Gloo", "NCCL", "Connection closed by peer", "Connection reset")
+    )

@@ -26,31 +26,45 @@ from pathlib import Path
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..errors import CheckpointError, ConfigError, TrainingError
+from ..errors import CheckpointError, ConfigError, DataError, TokenmorphError, TrainingError
 from .checkpoints import (
     CHECKPOINT_FORMAT,
     atomic_save,
     fault,
-    find_checkpoints,
-    latest_checkpoint,
-    load_checkpoint,
+    newest_readable_checkpoint,
+    prune_checkpoints,
 )
-from .distributed import DistInfo, all_reduce
+from .distributed import DistInfo, all_reduce_sums, barrier, is_peer_failure
 from .optim import OptimizerStep
 from .precision import autocast, autocast_dtype
 from .run_logger import RunLogger
 from .sampling import KeyedDataset, StepBatchSampler, batch_to_device, collate_keyed
 from .seeding import mix_seed, seed_all
 
-__all__ = ["Engine", "StepResult"]
+__all__ = ["EMPTY_STEPS_LIMIT", "Engine", "StepResult", "total_steps_for"]
+
+# A run stops when this many consecutive steps (or all the steps of a shorter invocation) had no
+# decodable image on any rank: the data is unreadable, and training on would only spend time.
+EMPTY_STEPS_LIMIT = 10
+
+
+def total_steps_for(cfg, steps_per_epoch: int) -> int:
+    """A run's length in optimiser steps: ``max_steps``, else ``epochs`` x steps per epoch."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}"
 
 
 @dataclass
 class StepResult:
-    """What one optimiser step did: its loss (mean over micro-batches and ranks; NaN when
-           skipped),
-    images trained on and skipped (all ranks), gradient norm, weight decay, and whether it was
-    non-finite."""
+    """What one optimiser step did: its loss (mean over micro-batches and ranks; NaN when it did
+    not train: non-finite, or no image), images trained on and skipped (all ranks), gradient
+    norm, weight decay, whether it was non-finite (``bad``) or had no decodable image on any rank
+    (``empty``), and on how many ranks a stop signal had arrived (``stop``)."""
 
     loss: float
     images: int
@@ -58,6 +72,8 @@ class StepResult:
     grad_norm: float
     weight_decay: float
     bad: bool
+    empty: bool = False
+    stop: int = 0
     logs: dict = field(default_factory=dict)
 
 
@@ -75,7 +91,9 @@ class Engine:
         dataset: a :class:`~.sampling.KeyedDataset`.
         run_dir: output folder (checkpoints/, metrics.jsonl, tb/).
         kind: checkpoint kind, checked on resume ("pretrain", "finetune").
-        compat: config values that must match on resume (e.g. model size, objective).
+        compat: values a resumed checkpoint must share (e.g. the target dimension); keys its
+            compat lacks are not compared (the config itself is compared key by key before, by
+            :class:`~.run_folder.RunFolder`).
         param_groups: optimiser groups (default: timm's weight-decay groups of ``model``).
         extra_state: entries added to every checkpoint (e.g. the student record).
     """
@@ -96,7 +114,7 @@ class Engine:
         self.cfg, self.dist, self.kind, self.compat = cfg, dist_info, kind, compat
         self.run_dir = Path(run_dir)
         self.model, self.step_fn, self.dataset = model, step_fn, dataset
-        self.extra_state = extra_state or {}
+        self.extra_state = dict(extra_state or {})
         self.sampler = StepBatchSampler(
             len(dataset),
             cfg.batch_size,
@@ -106,11 +124,7 @@ class Engine:
             cfg.seed,
         )
         self.steps_per_epoch = self.sampler.steps_per_epoch
-        self.total_steps = (
-            cfg.max_steps
-            if cfg.max_steps is not None
-            else max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
-        )
+        self.total_steps = total_steps_for(cfg, self.steps_per_epoch)
         if cfg.precision == "fp16" and dist_info.device.type != "cuda":
             raise ConfigError(
                 "precision=fp16 needs CUDA (it uses a GradScaler); use precision=bf16 on the CPU"
@@ -135,7 +149,11 @@ class Engine:
         )
         self.step = 0
         self.images_seen = self.skipped_images = self.skipped_steps = 0
+        self.empty_streak = 0
+        self.resumed_from: Path | None = None
         self._stop_signal = None
+        self._saved: tuple[int, Path] | None = None  # (step, path) of the last checkpoint written
+        self._readable: dict[Path, bool] = {}  # checkpoint files checked (written, resumed, read)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -145,6 +163,7 @@ class Engine:
             "compat": self.compat,
             "config": self.cfg.to_dict(),
             "step": self.step,
+            "total_steps": self.total_steps,
             "world_size": self.dist.world_size,
             "images_seen": self.images_seen,
             "skipped_images": self.skipped_images,
@@ -155,15 +174,19 @@ class Engine:
         }
 
     def save(self) -> Path | None:
-        """Write this step's checkpoint (main process) and keep the newest ``keep_last``."""
+        """Write this step's checkpoint (main process) and keep the newest ``keep_last`` readable
+        ones (unreadable files are reported, left alone and not counted)."""
         if not self.dist.is_main:
             return None
+        if self._saved is not None and self._saved[0] == self.step:
+            return self._saved[1]
         ckpt_dir = self.run_dir / "checkpoints"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         path = ckpt_dir / f"step_{self.step:08d}.pt"
         atomic_save(self.state_dict(), path, self.step)
-        for old in find_checkpoints(self.run_dir)[: -self.cfg.keep_last]:
-            old.unlink(missing_ok=True)
+        self._saved = (self.step, path)
+        self._readable[path] = True
+        prune_checkpoints(self.run_dir, self.cfg.keep_last, self._readable, self.log.message)
         return path
 
     def check_compatible(self, ckpt: dict, path: Path) -> None:
@@ -173,9 +196,9 @@ class Engine:
             )
         theirs = ckpt.get("compat", {})
         diffs = [
-            f"{k}: checkpoint {theirs.get(k)!r} vs run {v!r}"
+            f"{k}: checkpoint {theirs[k]!r} vs run {v!r}"
             for k, v in self.compat.items()
-            if theirs.get(k) != v
+            if k in theirs and theirs[k] != v
         ]
         if diffs:
             raise CheckpointError(
@@ -183,36 +206,49 @@ class Engine:
                 f"the checkpoint's settings"
             )
 
-    def resume(self) -> Path | None:
-        """Load the newest readable checkpoint of the run folder, if any (falls back past
-           unreadable
-        ones)."""
-        for path in reversed(find_checkpoints(self.run_dir)):
-            try:
-                ckpt = load_checkpoint(path)
-            except CheckpointError as e:
-                self.log.message(f"warning: skipping {e}")
-                continue
-            self.check_compatible(ckpt, path)
+    def resume(self, found: tuple | None = None, apply_config: bool = False) -> Path | None:
+        """Load a checkpoint: ``found`` = (path, checkpoint dict), or the newest readable one of
+        the run folder (falling back past unreadable ones); returns its path, None when there is
+        none. ``apply_config``: the run applies changed settings, so the optimiser keeps the new
+        config's hyperparameters and schedule (see :meth:`OptimizerStep.load_state_dict`)."""
+        path, ckpt = found or newest_readable_checkpoint(self.run_dir, self.log.message)
+        if path is None:
+            return None
+        self.check_compatible(ckpt, path)
+        self._load_model(ckpt, path)
+        try:
+            self.optim.load_state_dict(ckpt, apply_config)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{path}: its optimiser state does not fit this run ({_one_line(e)})"
+            ) from None
+        self.step = ckpt["step"]
+        self.images_seen = ckpt.get("images_seen", 0)
+        self.skipped_images = ckpt.get("skipped_images", 0)
+        self.skipped_steps = ckpt.get("skipped_steps", 0)
+        self.resumed_from = path
+        self._readable[path] = True
+        if ckpt.get("world_size") != self.dist.world_size:
+            per_rank = self.cfg.batch_size // self.cfg.accum_steps // self.dist.world_size
+            self.log.message(
+                f"resuming a {ckpt.get('world_size')}-process run with {self.dist.world_size} "
+                f"processes: same global batches, per-rank batch {per_rank}"
+            )
+        return path
+
+    def _load_model(self, ckpt: dict, path: Path) -> None:
+        try:
             missing, unexpected = self.model.load_state_dict(ckpt["model"], strict=False)
-            if missing or unexpected:
-                raise CheckpointError(
-                    f"{path}: model weights do not match (missing {list(missing)[:5]}, "
-                    f"unexpected {list(unexpected)[:5]})"
-                )
-            self.optim.load_state_dict(ckpt)
-            self.step = ckpt["step"]
-            self.images_seen = ckpt.get("images_seen", 0)
-            self.skipped_images = ckpt.get("skipped_images", 0)
-            self.skipped_steps = ckpt.get("skipped_steps", 0)
-            if ckpt.get("world_size") != self.dist.world_size:
-                per_rank = self.cfg.batch_size // self.cfg.accum_steps // self.dist.world_size
-                self.log.message(
-                    f"resuming a {ckpt.get('world_size')}-process run with {self.dist.world_size} "
-                    f"processes: same global batches, per-rank batch {per_rank}"
-                )
-            return path
-        return None
+        except RuntimeError as e:  # a tensor of another shape
+            raise CheckpointError(
+                f"{path}: model weights do not fit this run ({_one_line(e)}); use another "
+                "--output-dir"
+            ) from None
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path}: model weights do not match (missing {list(missing)[:5]}, "
+                f"unexpected {list(unexpected)[:5]})"
+            )
 
     # ------------------------------------------------------------------ one step
     def make_loader(self) -> DataLoader:
@@ -228,14 +264,16 @@ class Engine:
             worker_init_fn=_worker_ignore_signals,
         )
 
-    def train_step(self, micro_batches, last_good: Path | None) -> StepResult:
-        """One optimiser step over the next ``accum_steps`` micro-batches of ``micro_batches``."""
+    def _forward_backward(self, micro_batches) -> tuple[float, int, int]:
+        """Forward and backward over the step's ``accum_steps`` micro-batches; returns (mean
+        loss, images, skipped images) of this rank."""
         cfg = self.cfg
-        wd = self.optim.begin(self.step)
-        seed_all(mix_seed(cfg.seed, self.step, self.dist.rank, 0x7E))
         loss_sum, images, skipped = 0.0, 0, 0
         for a in range(cfg.accum_steps):
-            batch = batch_to_device(next(micro_batches), self.dist.device)
+            batch = next(micro_batches)
+            if "error" in batch:  # a sample failed to load with on_bad_image=raise
+                raise DataError(batch["error"])
+            batch = batch_to_device(batch, self.dist.device)
             skipped += batch["skipped"]
             sync = a == cfg.accum_steps - 1 or not self.dist.distributed
             with nullcontext() if sync else self.ddp_model.no_sync():
@@ -249,34 +287,51 @@ class Engine:
             loss_sum += float(loss.detach()) / cfg.accum_steps
             images += batch["images"].shape[0]
             self.log.add_logs(logs, 1.0 / cfg.accum_steps)
+        return loss_sum, images, skipped
+
+    def train_step(self, micro_batches, last_good: Path | None) -> StepResult:
+        """One optimiser step over the next ``accum_steps`` micro-batches of ``micro_batches``.
+        The step's numbers (non-finite ranks, loss, images, skipped images, stop signals) are
+        summed over the ranks in ONE all-reduce, so every rank takes the same decision: update,
+        skip (non-finite loss under nan_policy=skip, or no decodable image anywhere: the weights
+        are left as they are), stop (nan_policy=stop), or stop after this step (a signal reached
+        some rank)."""
+        wd = self.optim.begin(self.step)
+        seed_all(mix_seed(self.cfg.seed, self.step, self.dist.rank, 0x7E))
+        loss_sum, images, skipped = self._forward_backward(micro_batches)
         if fault("nan", self.step + 1):  # steps are counted from 1, as in metrics.jsonl
             loss_sum = float("nan")
-        bad = all_reduce(self.dist, 0.0 if math.isfinite(loss_sum) else 1.0, "max") > 0
+        finite = math.isfinite(loss_sum)
+        bad_ranks, loss_total, images, skipped, stop = all_reduce_sums(
+            self.dist,
+            [0.0 if finite else 1.0, loss_sum if finite else 0.0, images, skipped, self._stopping],
+        )
+        bad, empty = bad_ranks > 0, images == 0 and bad_ranks == 0
         grad_norm = float("nan")
-        if bad:
-            if cfg.nan_policy == "stop":
-                where = (
-                    f"last good checkpoint: {last_good}"
-                    if last_good
-                    else "no checkpoint was written yet"
-                )
-                raise TrainingError(
-                    f"non-finite loss ({loss_sum}) at step {self.step + 1}; stopped without "
-                    "updating "
-                    f"the weights; {where}. Rerun to resume from it, or set nan_policy=skip"
-                )
+        if bad and self.cfg.nan_policy == "stop":
+            raise self._non_finite_error(loss_sum, last_good)
+        if bad or empty:
             self.optim.skip()
         else:
             grad_norm = self.optim.apply()
         self.step += 1
-        mean_loss = float("nan") if bad else all_reduce(self.dist, loss_sum) / self.dist.world_size
+        mean_loss = float("nan") if bad or empty else loss_total / self.dist.world_size
         return StepResult(
-            mean_loss,
-            int(all_reduce(self.dist, images)),
-            int(all_reduce(self.dist, skipped)),
-            grad_norm,
-            wd,
-            bad,
+            mean_loss, int(images), int(skipped), grad_norm, wd, bad, empty, stop=int(stop)
+        )
+
+    @property
+    def _stopping(self) -> float:
+        return 0.0 if self._stop_signal is None else 1.0
+
+    def _non_finite_error(self, loss: float, last_good: Path | None) -> TrainingError:
+        where = (
+            f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
+        )
+        value = loss if not math.isfinite(loss) else "on another process"
+        return TrainingError(
+            f"non-finite loss ({value}) at step {self.step + 1}; stopped without updating the "
+            f"weights; {where}. Rerun to resume from it, or set nan_policy=skip"
         )
 
     # ------------------------------------------------------------------ the loop
@@ -284,57 +339,101 @@ class Engine:
         """Train from the current step to ``total_steps`` (or ``stop_after`` more); returns the
         summary."""
         cfg = self.cfg
-        old_handlers = self._install_signal_handlers()
-        last_good = latest_checkpoint(self.run_dir)
-        micro_batches = iter(self.make_loader())
-        self.model.train()
         start_step = self.step
         end_step = (
             self.total_steps
             if cfg.stop_after is None
             else min(self.total_steps, start_step + cfg.stop_after)
         )
-        last_loss = float("nan")
+        old_handlers = self._install_signal_handlers()
+        last_good = self.resumed_from
+        micro_batches = iter(self.make_loader()) if end_step > start_step else iter(())
+        self.model.train()
+        last_loss = None
         self.log.open(start_step)
         try:
             while self.step < end_step:
-                r = self.train_step(micro_batches, last_good)
-                self.images_seen += r.images
-                self.skipped_images += r.skipped_images
-                if r.bad:
-                    self.skipped_steps += 1
-                    self.log.message(
-                        f"warning: non-finite loss at step {self.step}: step skipped "
-                        f"({self.skipped_steps} so far)"
-                    )
-                else:
-                    last_loss = r.loss
-                self.log.step(
-                    self.step,
-                    None if r.bad else r.loss,
-                    r.images,
-                    self.optim.current_lr,
-                    r.weight_decay,
-                    r.grad_norm,
-                    {
-                        "images_seen": self.images_seen,
-                        "skipped_images": self.skipped_images,
-                        "skipped_steps": self.skipped_steps,
-                    },
-                )
+                r = self._guarded_step(micro_batches, last_good)
+                self._account(r, window=min(EMPTY_STEPS_LIMIT, self.total_steps - start_step))
+                last_loss = r.loss if math.isfinite(r.loss) else last_loss
                 if self.step % cfg.save_every == 0 and self.step < end_step:
                     last_good = self.save() or last_good
-                if self._stop_signal is not None:
-                    path = self.save()
-                    raise TrainingError(
-                        f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint "
-                        f"saved: {path}; rerun the same command to resume"
-                    )
-            final = self.save()
+                if r.stop:
+                    self._stop_by_signal(r.stop)
+            final = self.save() if self.step > start_step else last_good
         finally:
             self.log.close()
+            _end_workers(micro_batches)
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
+        return self._summary(start_step, last_loss, final)
+
+    def _guarded_step(self, micro_batches, last_good: Path | None) -> StepResult:
+        """:meth:`train_step`, with a collective that failed because another process died turned
+        into one line."""
+        try:
+            return self.train_step(micro_batches, last_good)
+        except TokenmorphError:
+            raise
+        except RuntimeError as e:
+            if not (self.dist.distributed and is_peer_failure(e)):
+                raise
+            raise TrainingError(
+                f"another process of this {self.dist.world_size}-process run failed or was killed "
+                f"during step {self.step + 1} ({_one_line(e, 160)}); last checkpoint: "
+                f"{last_good or 'none yet'}; rerun the same command to resume (the launcher's "
+                "log names the process)"
+            ) from None
+
+    def _account(self, r: StepResult, window: int) -> None:
+        """Add a step's counts, warn about steps that did not train, log it; stop when ``window``
+        consecutive steps had no decodable image."""
+        self.images_seen += r.images
+        self.skipped_images += r.skipped_images
+        self.empty_streak = self.empty_streak + 1 if r.empty else 0
+        if r.bad or r.empty:
+            self.skipped_steps += 1
+            why = "non-finite loss" if r.bad else f"no decodable image ({r.skipped_images} skipped)"
+            self.log.message(
+                f"warning: {why} at step {self.step}: step skipped ({self.skipped_steps} so far)"
+            )
+        self.log.step(
+            self.step,
+            None if r.bad or r.empty else r.loss,
+            r.images,
+            self.optim.current_lr,
+            r.weight_decay,
+            r.grad_norm,
+            {
+                "images_seen": self.images_seen,
+                "skipped_images": self.skipped_images,
+                "skipped_steps": self.skipped_steps,
+            },
+        )
+        if self.empty_streak >= window:
+            last = f"the last checkpoint, {self.resumed_from}," if self.resumed_from else "nothing"
+            raise TrainingError(
+                f"no image could be decoded in the last {self.empty_streak} steps "
+                f"({self.skipped_images} files skipped in all): the training data cannot be "
+                f"read; stopped at step {self.step} without a checkpoint ({last} is kept). Fix "
+                "the data (on_bad_image=raise stops at the first bad file and names it)"
+            )
+
+    def _stop_by_signal(self, ranks: int) -> None:
+        """Every rank stops at the same step: the checkpoint is written, then all raise."""
+        path = self.save()
+        barrier(self.dist)
+        who = (
+            f"signal {signal.Signals(self._stop_signal).name}" if self._stop_signal else "a signal"
+        )
+        if self.dist.distributed:
+            who += f" (it reached {ranks} of the {self.dist.world_size} processes)"
+        raise TrainingError(
+            f"stopped by {who} at step {self.step}; checkpoint saved: {path}; rerun the same "
+            "command to resume"
+        )
+
+    def _summary(self, start_step: int, last_loss: float | None, final: Path | None) -> dict:
         elapsed = self.log.elapsed
         return {
             "kind": self.kind,
@@ -347,7 +446,7 @@ class Engine:
             "skipped_images": self.skipped_images,
             "skipped_steps": self.skipped_steps,
             "wall_time_s": elapsed,
-            "img_per_s": (self.step - start_step) * cfg.batch_size / max(elapsed, 1e-9),
+            "img_per_s": (self.step - start_step) * self.cfg.batch_size / max(elapsed, 1e-9),
             "checkpoint": str(final) if final else None,
             "world_size": self.dist.world_size,
         }
@@ -364,6 +463,21 @@ class Engine:
                 except ValueError:  # not in the main thread
                     pass
         return old
+
+
+def _end_workers(batches) -> None:
+    """End the worker processes of a loader iterator now, whatever state it is in: a polite
+    shutdown first, then SIGKILL for any still alive (they ignore SIGTERM, see
+    :func:`_worker_ignore_signals`, so the loader's own terminate() cannot end them, and the
+    interpreter would wait for them forever at exit)."""
+    workers = list(getattr(batches, "_workers", []))
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
 
 
 def _worker_ignore_signals(_worker_id: int) -> None:

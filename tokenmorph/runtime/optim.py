@@ -130,7 +130,17 @@ class OptimizerStep:
             "scaler": self.scaler.state_dict(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, apply_config: bool = False) -> None:
+        """Load a checkpoint's optimiser, scheduler and scaler states. ``apply_config`` (a resume
+        that applies changed settings): keep this object's hyperparameters (lr, betas, weight
+        decay, layer-decay scales: the new config's) and its schedule (built from the new config
+        and run length); only the AdamW moments and step counts and the scaler come from
+        ``state``."""
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if apply_config:
+            for group, own in zip(self.optimizer.param_groups, fresh):
+                group.update(own)
+        else:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

@@ -1,6 +1,7 @@
 """What a run reports while it trains: ``metrics.jsonl`` (one JSON object every ``log_every``
-steps), TensorBoard scalars, and a progress bar with loss, lr, img/s and ETA. Only the main
-process writes."""
+steps), TensorBoard scalars, and progress: a bar with loss, lr, img/s and ETA on a terminal, a
+plain line every ``log_every`` steps elsewhere (a batch job's log file). Only the main process
+writes. No NaN or infinity is ever written as JSON: they become null (:func:`json_safe`)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,27 @@ import math
 import time
 from pathlib import Path
 
-__all__ = ["RunLogger", "finite_record", "truncate_metrics"]
+from .progress import format_seconds, is_terminal
+
+__all__ = ["RunLogger", "json_safe", "dump_json", "truncate_metrics"]
 
 
-def finite_record(record: dict) -> dict:
-    """JSON has no NaN: write None for non-finite numbers."""
-    return {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
-    }
+def json_safe(obj):
+    """``obj`` with every non-finite float (NaN, inf), however deeply nested, replaced by None:
+    JSON has no NaN, and Python's json module would write an invalid ``NaN``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dump_json(obj, **kwargs) -> str:
+    """``json.dumps`` of :func:`json_safe` ``(obj)``, refusing any NaN left
+    (``allow_nan=False``)."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -69,31 +83,38 @@ class RunLogger:
             print(f"[tokenmorph] {text}", flush=True)
 
     def open(self, start_step: int) -> RunLogger:
-        from tqdm.auto import tqdm
-
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             truncate_metrics(self.metrics_path, start_step)
         if self.is_main and self.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+            self._open_tensorboard(start_step)
+        if self.is_main and is_terminal():
+            from tqdm.auto import tqdm
 
-                self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step)
-            except ImportError:
-                self.message(
-                    "tensorboard is not installed: no TensorBoard logs (pip install tensorboard)"
-                )
-        self.bar = tqdm(
-            total=self.total_steps,
-            initial=start_step,
-            disable=not self.is_main,
-            dynamic_ncols=True,
-            unit="step",
-            desc=self.desc,
-        )
+            self.bar = tqdm(
+                total=self.total_steps,
+                initial=start_step,
+                dynamic_ncols=True,
+                unit="step",
+                desc=self.desc,
+            )
+        self.start_step = start_step
         self.t_start = self.t_window = time.perf_counter()
         self._reset_window()
         return self
+
+    def _open_tensorboard(self, start_step: int) -> None:
+        """A writer that hides the events a crash left past the checkpoint. The point of step
+        ``start_step`` itself was logged before the checkpoint and is not logged again (the run
+        goes on at start_step + 1), so the purge starts after it."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.message(
+                "tensorboard is not installed: no TensorBoard logs (pip install tensorboard)"
+            )
+            return
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
 
     def _reset_window(self) -> None:
         self.n_images, self.loss_sum, self.loss_count, self.logs = 0, 0.0, 0, {}
@@ -113,9 +134,9 @@ class RunLogger:
         grad_norm: float,
         counters: dict,
     ) -> None:
-        """Account one finished optimiser step (``loss=None``: a skipped, non-finite step); write
-           a
-        record when the step is a multiple of ``log_every`` or the last."""
+        """Account one finished optimiser step (``loss=None``: a skipped step); write a record
+        when the step is a multiple of ``log_every`` or the last (its loss is null when every
+        step of the window was skipped)."""
         self.n_images += images
         if loss is not None:
             self.loss_sum += loss
@@ -127,7 +148,7 @@ class RunLogger:
             record = {
                 "step": step,
                 "epoch": round(step / self.steps_per_epoch, 4),
-                "loss": self.loss_sum / n,
+                "loss": self.loss_sum / n if self.loss_count else float("nan"),  # null: none
                 "lr": lr,
                 "weight_decay": weight_decay,
                 "grad_norm": grad_norm,
@@ -137,22 +158,39 @@ class RunLogger:
                 **{k: v / n for k, v in self.logs.items()},
             }
             self._write(record)
-            self.bar.set_postfix(
-                loss=f"{record['loss']:.4f}",
-                lr=f"{lr:.2e}",
-                img_s=f"{rate:.0f}",
-                skipped=counters.get("skipped_images", 0),
-                refresh=False,
-            )
+            self._show(record, now)
             self.t_window = now
             self._reset_window()
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _show(self, record: dict, now: float) -> None:
+        """The record on the bar, or as a plain line when there is no terminal."""
+        loss = "n/a" if self.loss_count == 0 else f"{record['loss']:.4f}"
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=loss,
+                lr=f"{record['lr']:.2e}",
+                img_s=f"{record['img_per_s']:.0f}",
+                skipped=record.get("skipped_images", 0),
+                refresh=False,
+            )
+            return
+        step, total = record["step"], self.total_steps
+        done = step - self.start_step
+        eta = (total - step) * (now - self.t_start) / max(done, 1)
+        self.message(
+            f"step {step}/{total} ({100 * step // max(total, 1)}%) loss {loss} lr "
+            f"{record['lr']:.2e} {record['img_per_s']:.1f} img/s skipped "
+            f"{record.get('skipped_images', 0)} elapsed {format_seconds(now - self.t_start)} "
+            f"ETA {format_seconds(eta)}"
+        )
 
     def _write(self, record: dict) -> None:
         if not self.is_main:
             return
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(finite_record(record)) + "\n")
+            f.write(dump_json(record) + "\n")
         if self.writer is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):

@@ -10,9 +10,9 @@ from (seed, step, rank) at every step):
   loads it.
 
 Every key also carries the sample's position in its global batch, so that what is drawn per chunk
-of the global batch (``chunk_size`` images: DTM's schedules, the zoom-out offset, the grey weights)
-depends on that position, never on the rank or the micro-batch. So changing the number of
-processes keeps the same global batches, hence the same training where no per-rank randomness
+of the global batch (``chunk_size`` images: DTM's schedules, the zoom-out offset, the grey
+weights) depends on that position, never on the rank or the micro-batch. So changing the number
+of processes keeps the same global batches, hence the same training where no per-rank randomness
 enters.
 """
 
@@ -25,12 +25,13 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..data import collate_skip
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, TokenmorphError
 from .seeding import mix_seed, seed_all
 
 __all__ = [
     "check_batch_layout",
     "KeyedDataset",
+    "LoadFailure",
     "collate_keyed",
     "batch_to_device",
     "StepBatchSampler",
@@ -46,6 +47,12 @@ def check_batch_layout(batch_size: int, accum_steps: int, world_size: int) -> No
         )
 
 
+class LoadFailure(str):
+    """A sample whose loading raised a user-facing error (``on_bad_image=raise``): its one-line
+    message, carried through the loader as data so that the main process raises it as one line
+    (a worker's exception would come back as a multi-line traceback text)."""
+
+
 class KeyedDataset(Dataset):
     """Wraps a dataset so that item ``(index, epoch[, position])`` is reproducible wherever it is
     loaded.
@@ -53,7 +60,8 @@ class KeyedDataset(Dataset):
     Before loading, torch's, Python's and NumPy's RNGs are seeded from (seed, epoch, index); an
     optional ``extra_fn(rng)`` (e.g. a mask generator) draws from a NumPy generator with the same
     seed. Returns ``(image, label, extra, position)`` (``position``: the sample's place in its
-    global batch, None when the key has none) or None for a skipped (undecodable) sample.
+    global batch, None when the key has none), None for a skipped (undecodable) sample, or a
+    :class:`LoadFailure` when loading raised a ``TokenmorphError``.
     """
 
     def __init__(self, dataset: Dataset, seed: int, extra_fn: Callable | None = None) -> None:
@@ -67,7 +75,10 @@ class KeyedDataset(Dataset):
         position = key[2] if len(key) > 2 else None
         s = mix_seed(self.seed, epoch, index)
         seed_all(s)
-        item = self.dataset[index]
+        try:
+            item = self.dataset[index]
+        except TokenmorphError as e:
+            return LoadFailure(str(e))
         if item is None:
             return None
         image, label = item
@@ -79,7 +90,11 @@ def collate_keyed(batch: list) -> dict:
     """Stack the kept items of a :class:`KeyedDataset` batch (``(image, label, extra[,
     position])``); count the skipped ones. Returns ``{"images": (B, 3, S, S), "labels": (B,),
     "extra": None | (B, ...) | {name: (B, ...)}, "positions": None | B ints (each kept sample's
-    place in its global batch; a list, so it stays on the host), "skipped": int}``."""
+    place in its global batch; a list, so it stays on the host), "skipped": int}``, or
+    ``{"error": message}`` when an item is a :class:`LoadFailure`."""
+    failures = [b for b in batch if isinstance(b, LoadFailure)]
+    if failures:
+        return {"error": str(failures[0])}
     images, labels, skipped = collate_skip([None if b is None else (b[0], b[1]) for b in batch])
     kept = [b for b in batch if b is not None]
     extra = None
