@@ -92,14 +92,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="fashion-mnist-seg",
         help="segmentation data of --seg-linear (default: the Fashion-MNIST proxy set)",
     )
-    g.add_argument("--seg-steps", type=int, default=300, help="--seg-linear steps (default 300)")
+    g.add_argument(
+        "--seg-steps",
+        type=int,
+        default=300,
+        help="--seg-linear steps (default 300; a warm-up of a tenth of them)",
+    )
     g.add_argument(
         "--segment",
         metavar="CONFIG",
         help="add an UperNet fine-tune's mIoU of every run: a segment config (e.g. "
         "fashion-mnist-seg-tiny) or YAML file; its folder is RUN/segment-CONFIG",
     )
-    g.add_argument("--segment-steps", type=int, help="--segment: its max_steps")
+    g.add_argument(
+        "--segment-steps",
+        type=int,
+        help="--segment: its max_steps (and a warm-up of a tenth of them)",
+    )
     g.add_argument(
         "--seg-limit-val", type=int, help="segmentation metrics on the first N validation images"
     )
@@ -139,8 +148,9 @@ def run(args: argparse.Namespace) -> int:
             "eval_batch_size": 32 if proxy else 1,
         }
     seg_overrides = {}
-    if args.segment_steps is not None:
+    if args.segment_steps is not None:  # a shorter run warms up for a tenth of it
         seg_overrides["max_steps"] = str(args.segment_steps)
+        seg_overrides["warmup_steps"] = str(max(args.segment_steps // 10, 1))
     if args.seg_limit_val is not None:
         seg_overrides["limit_val"] = str(args.seg_limit_val)
     rows = compare(

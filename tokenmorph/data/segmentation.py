@@ -41,6 +41,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from ..ops.segmentation import IGNORE_INDEX
 from .fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
 from .folders import IMAGE_EXTENSIONS
 from .images import open_rgb
@@ -72,7 +73,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
-IGNORE_INDEX = 255
 ADE20K_DIR = "ADEChallengeData2016"
 ADE20K_SPLITS = {True: "training", False: "validation"}
 # The 150 classes of ADE20K's scene-parsing benchmark in label order (label = index + 1 in the
@@ -371,6 +371,11 @@ def segmentation_datasets(
         train = ade20k_dataset(data, True, on_bad_image)
         return train, ade20k_dataset(data, False, on_bad_image), train.classes
     root = Path(data).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"segmentation data {data} is not a folder: give the ADE20K folder, a folder with "
+            f"images/ and masks/, or {PROXY_NAME}"
+        )
     if not (root / "images").is_dir():
         raise DataError(
             f"segmentation data {data}: not {PROXY_NAME}, not an ADE20K folder ({ADE20K_DIR}/"

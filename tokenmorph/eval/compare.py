@@ -121,10 +121,10 @@ def compare(
     the segmentation probe's mIoU; with ``segment_config`` (a segment config, plus
     ``segment_overrides``) an UperNet fine-tune's mIoU (run folder ``RUN/segment-CONFIG``).
 
-    Writes ``compare.md`` (one row per run; with several seeds the mean and spread per config
-    and the paired differences to the first config: :func:`seed_summary`), ``compare.json``
-    (the rows), ``compare_seeds.json`` (with several seeds: the summary) and
-    ``compare_curves.png`` (each config's first seed) into ``output_dir``; returns the rows."""
+    Writes ``compare.md`` (one row per run; with several seeds the mean and spread per config and
+    the paired differences to the first config: :func:`seed_summary`), ``compare.json`` (the
+    rows, rewritten after every run), ``compare_seeds.json`` (with several seeds: the summary)
+    and ``compare_curves.png`` (each config's first seed) into ``output_dir``; returns the rows."""
     workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
     out = Path(output_dir)
     rows = []
@@ -155,7 +155,9 @@ def compare(
                     seg_cfg=seg_cfg,
                 )
             )
-    out.mkdir(parents=True, exist_ok=True)
+            # the rows so far: a long comparison shows what it has measured while it runs
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "compare.json").write_text(json.dumps(rows, indent=2))
     text = markdown_table(rows)
     if seeds > 1:
         stats = seed_summary(rows)
