@@ -24,7 +24,7 @@ from tokenmorph.recipes.config import (
     load_config,
     masks_input,
 )
-from tokenmorph.runtime.optim import LR_SCALING
+from tokenmorph.runtime.optim import LR_SCALING, LR_SCHEDULES
 from tokenmorph.runtime.precision import PRECISIONS
 
 
@@ -48,6 +48,7 @@ def choices(cls, key):
         ("rel_pos_bias", REL_POS),
         ("init", STUDENT_INITS),
         ("crop_interpolation", INTERPOLATIONS),
+        ("lr_schedule", LR_SCHEDULES),
     ],
 )
 def test_pretrain_choices_are_the_registries(key, registry):
@@ -57,6 +58,23 @@ def test_pretrain_choices_are_the_registries(key, registry):
 def test_finetune_choices_are_the_registries():
     assert choices(FinetuneConfig, "model") == tuple(STUDENT_SIZES)
     assert choices(FinetuneConfig, "rel_pos_init") == tuple(REL_POS_INITS)
+    assert choices(FinetuneConfig, "lr_schedule") == tuple(LR_SCHEDULES)
+
+
+def test_segment_choices_are_the_registries():
+    from tokenmorph.models.segmentation import CLASSIFIER_INITS, REL_POS_RESIZE
+    from tokenmorph.ops.segmentation import INFERENCE_MODES
+    from tokenmorph.recipes.config import SegmentConfig
+    from tokenmorph.runtime.optim import WEIGHT_DECAY_RULES
+
+    assert choices(SegmentConfig, "model") == tuple(STUDENT_SIZES)
+    assert choices(SegmentConfig, "rel_pos_init") == tuple(REL_POS_INITS)
+    assert choices(SegmentConfig, "rel_pos_resize") == REL_POS_RESIZE
+    assert choices(SegmentConfig, "classifier_init") == tuple(CLASSIFIER_INITS)
+    assert choices(SegmentConfig, "eval_mode") == tuple(INFERENCE_MODES)
+    assert choices(SegmentConfig, "weight_decay_rule") == tuple(WEIGHT_DECAY_RULES)
+    assert choices(SegmentConfig, "lr_schedule") == tuple(LR_SCHEDULES)
+    assert "weight_decay_rule" in describe_keys("segment")
 
 
 def test_every_registered_component_is_accepted_and_described():
@@ -83,5 +101,5 @@ def test_every_evaluation_protocol_is_a_command():
     registered = {name for group, name, _ in COMMANDS if group == "eval"}
     assert registered == set(PROTOCOLS)
     for group, name, module in COMMANDS:
-        if group == "eval":
-            assert module == f"eval_{name}"
+        if group == "eval":  # a module name cannot hold a hyphen: seg-linear -> eval_seg_linear
+            assert module == f"eval_{name.replace('-', '_')}"

@@ -10,8 +10,10 @@ instant; ``add_arguments`` runs only for the command asked for.
 COMMANDS = [
     (None, "pretrain", "pretrain"),
     (None, "finetune", "finetune"),
+    (None, "segment", "segment"),
     ("eval", "knn", "eval_knn"),
     ("eval", "linear", "eval_linear"),
+    ("eval", "seg-linear", "eval_seg_linear"),
     (None, "compare", "compare"),
     (None, "export", "export"),
     ("analyze", "consistency", "analyze_consistency"),
@@ -20,6 +22,7 @@ COMMANDS = [
     (None, "plot", "plot"),
     ("bench", "morph", "bench_morph"),
     ("bench", "pretrain", "bench_pretrain"),
+    ("bench", "segment", "bench_segment"),
 ]
 GROUPS = {
     "eval": "evaluation protocols on frozen features",

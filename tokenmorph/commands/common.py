@@ -22,6 +22,7 @@ __all__ = [
     "positive",
     "positive_list",
     "add_eval_arguments",
+    "add_running_arguments",
     "eval_data_from_args",
     "eval_features_from_args",
     "parse_schedule",
@@ -261,21 +262,27 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         default=256,
         help="feature extraction batch (default 256)",
     )
-    r.add_argument(
+    add_running_arguments(r, "feature extraction")
+
+
+def add_running_arguments(group, what: str) -> None:
+    """The running flags of an evaluation program: --num-workers, --device, --precision (for
+    ``what``), --no-progress, --out FILE.json."""
+    group.add_argument(
         "--num-workers",
         type=int,
         default=min(4, os.cpu_count() or 1),
         help="data loader workers (default min(4, CPUs))",
     )
-    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    r.add_argument(
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    group.add_argument(
         "--precision",
         choices=["auto", "bf16", "fp32"],
         default="auto",
-        help="feature extraction: bf16 autocast or fp32 (auto: bf16 on CUDA, fp32 on CPU)",
+        help=f"{what}: bf16 autocast or fp32 (auto: bf16 on CUDA, fp32 on CPU)",
     )
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("--out", metavar="FILE.json", help="also write the result JSON here")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group.add_argument("--out", metavar="FILE.json", help="also write the result JSON here")
 
 
 def eval_data_from_args(args: argparse.Namespace):

@@ -11,16 +11,20 @@ from ..runtime.run_logger import dump_json
 
 HELP = "DTM vs token-wise distillation (or any configs) under the same budget"
 DESCRIPTION = """Pre-train each config under the same budget, then evaluate each (k-NN, linear
-                 probe
-on frozen features, token-wise distillation loss on held-out images) and print a side-by-side
-table.
-Run folders are OUT/CONFIG: an interrupted comparison resumes, a finished run is not trained
-    again.
+probe on frozen features, token-wise distillation loss on held-out images) and print a
+side-by-side table. Run folders are OUT/CONFIG (and OUT/CONFIG/seed-S for the other seeds of
+--seeds N): an interrupted comparison resumes, a finished run is not trained again. --seeds N
+trains every config with N seeds and reports mean, standard deviation and the paired difference
+to the first config with its 95% t-interval, for every metric: k-NN, linear probe, and the
+segmentation mIoU of --seg-linear (the frozen probe) and --segment CONFIG (an UperNet
+fine-tune).
 
 examples:
   tokenmorph compare --configs demo demo-tokenwise --output-dir outputs/compare
   tokenmorph compare --configs demo --output-dir outputs            # the README's main job
-  tokenmorph compare --configs smoke --data DIR --eval-train T --eval-val V max_steps=10"""
+  tokenmorph compare --configs smoke --data DIR --eval-train T --eval-val V max_steps=10
+  tokenmorph compare --configs demo demo-tokenwise mae-demo mae-zoom-in-mask-demo --seeds 3 \\
+      --seg-linear --segment fashion-mnist-seg-tiny max_steps=150   # docs/segmentation.md"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,10 +74,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="held-out images for the token-wise loss (default 2000)",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s = p.add_argument_group("seeds")
+    s.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="runs per config with seeds seed, seed + 1, ... (OUT/CONFIG, OUT/CONFIG/seed-S); "
+        "with N > 1 the table adds mean, spread and paired differences to the first config",
+    )
+    g = p.add_argument_group("segmentation")
+    g.add_argument(
+        "--seg-linear",
+        action="store_true",
+        help="add the seg-linear probe's mIoU (tokenmorph eval seg-linear) of every run",
+    )
+    g.add_argument(
+        "--seg-data",
+        default="fashion-mnist-seg",
+        help="segmentation data of --seg-linear (default: the Fashion-MNIST proxy set)",
+    )
+    g.add_argument(
+        "--seg-steps",
+        type=int,
+        default=300,
+        help="--seg-linear steps (default 300; a warm-up of a tenth of them)",
+    )
+    g.add_argument(
+        "--segment",
+        metavar="CONFIG",
+        help="add an UperNet fine-tune's mIoU of every run: a segment config (e.g. "
+        "fashion-mnist-seg-tiny) or YAML file; its folder is RUN/segment-CONFIG",
+    )
+    g.add_argument(
+        "--segment-steps",
+        type=int,
+        help="--segment: its max_steps (and a warm-up of a tenth of them)",
+    )
+    g.add_argument(
+        "--seg-limit-val", type=int, help="segmentation metrics on the first N validation images"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval.compare import compare, markdown_table
+    from ..errors import ConfigError
+    from ..eval.compare import compare
     from ..eval.features import EvalData
     from ..recipes.config import parse_overrides
 
@@ -92,6 +136,24 @@ def run(args: argparse.Namespace) -> int:
             dataset=args.eval_dataset, limit_train=args.limit_train, limit_val=args.limit_val
         )
     out = Path(args.output_dir)
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: give 1 or more")
+    seg_probe = None
+    if args.seg_linear:
+        proxy = args.seg_data.split(":")[0] == "fashion-mnist-seg"
+        seg_probe = {
+            "data": args.seg_data,
+            "steps": args.seg_steps,
+            "warmup_steps": max(args.seg_steps // 10, 1),
+            "limit_val": args.seg_limit_val,
+            "eval_batch_size": 32 if proxy else 1,
+        }
+    seg_overrides = {}
+    if args.segment_steps is not None:  # a shorter run warms up for a tenth of it
+        seg_overrides["max_steps"] = str(args.segment_steps)
+        seg_overrides["warmup_steps"] = str(max(args.segment_steps // 10, 1))
+    if args.seg_limit_val is not None:
+        seg_overrides["limit_val"] = str(args.seg_limit_val)
     rows = compare(
         args.configs,
         overrides,
@@ -100,15 +162,18 @@ def run(args: argparse.Namespace) -> int:
         probe_epochs=args.probe_epochs,
         loss_images=args.loss_images,
         device=args.device,
+        seeds=args.seeds,
+        seg_probe=seg_probe,
+        segment_config=args.segment,
+        segment_overrides=seg_overrides,
     )
-    print(markdown_table(rows))
-    print(
-        dump_json(
-            {
-                "runs": rows,
-                "table": str(out / "compare.md"),
-                "curves": str(out / "compare_curves.png"),
-            }
-        )
-    )
+    print((out / "compare.md").read_text(), end="")
+    result = {
+        "runs": rows,
+        "table": str(out / "compare.md"),
+        "curves": str(out / "compare_curves.png"),
+    }
+    if args.seeds > 1:
+        result["seeds"] = str(out / "compare_seeds.json")
+    print(dump_json(result))
     return 0

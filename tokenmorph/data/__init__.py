@@ -10,6 +10,8 @@ batching.
 * :mod:`.transforms`: :func:`pretrain_transform`, :func:`eval_transform`.
 * :mod:`.collate`: :func:`collate_skip` (drops and counts undecodable items),
   :func:`seeded_subset`.
+* :mod:`.segmentation`: image + mask pairs (ADE20K's layout, your own folders), mmseg's joint
+  augmentations, the Fashion-MNIST proxy set for dense prediction.
 """
 
 from ..errors import DataError

@@ -11,15 +11,17 @@ __all__ = ["collate_skip", "seeded_subset"]
 def collate_skip(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``DataLoader`` collate_fn that drops skipped (``None``) items.
 
-    ``batch``: items ``(image (3, H, W) tensor, label)`` or ``None``. Returns ``(images (B, 3, H,
-    W), labels (B,) int64, num_skipped)``; when every item was skipped, ``images`` has shape
-    (0,).
+    ``batch``: items ``(image (3, H, W) tensor, label)`` or ``None``; a label is an int or a
+    tensor (a segmentation mask (H, W)). Returns ``(images (B, 3, H, W), labels (B,) int64 or
+    (B, ...) stacked, num_skipped)``; when every item was skipped, ``images`` has shape (0,).
     """
     kept = [item for item in batch if item is not None]
     skipped = len(batch) - len(kept)
     if not kept:
         return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
     images = torch.stack([image for image, _ in kept])
+    if torch.is_tensor(kept[0][1]):
+        return images, torch.stack([label for _, label in kept]), skipped
     labels = torch.tensor([int(label) for _, label in kept], dtype=torch.long)
     return images, labels, skipped
 

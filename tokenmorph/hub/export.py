@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
@@ -67,6 +68,9 @@ __all__ = [
     "export_encoder",
     "timm_spec",
     "timm_call",
+    "ExportedEncoder",
+    "is_export",
+    "load_export",
 ]
 
 EXPORT_FORMAT = "tokenmorph-timm-export-v1"
@@ -263,4 +267,72 @@ def timm_call(spec: dict, weights: str | Path, json_path: str | Path) -> str:
         f"timm.create_model({spec['timm_model']!r}, pretrained=True, "
         f"pretrained_cfg_overlay=dict(file={str(weights)!r}), "
         f"**json.load(open({str(json_path)!r}))['kwargs'])"
+    )
+
+
+# ------------------------------------------------------------------------------ reading one back
+@dataclass
+class ExportedEncoder:
+    """An export loaded back: what fine-tuning asks of a pre-trained student (``arch``, the timm
+    ``encoder`` with its weights, the input ``mean`` / ``std``), and where it came from."""
+
+    arch: dict
+    encoder: object
+    mean: tuple
+    std: tuple
+    source: str
+
+
+def _export_json(spec) -> Path | None:
+    """The recipe of an export given as its ``.json`` or its ``.safetensors`` (the recipe next to
+    it), or None when ``spec`` is not an export."""
+    path = Path(spec)
+    json_path = path.with_suffix(".json") if path.suffix == ".safetensors" else path
+    if json_path.suffix != ".json" or not json_path.is_file():
+        return None
+    try:
+        spec = json.loads(json_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return json_path if isinstance(spec, dict) and spec.get("format") == EXPORT_FORMAT else None
+
+
+def is_export(spec) -> bool:
+    """Whether ``spec`` names a ``tokenmorph export`` (its .json or .safetensors)."""
+    return _export_json(spec) is not None
+
+
+def load_export(spec) -> ExportedEncoder:
+    """Build an export's encoder in timm from its recipe and load its weights strictly (the
+    documented ``timm.create_model(..., pretrained_cfg_overlay=dict(file=...))`` call)."""
+    import timm
+
+    json_path = _export_json(spec)
+    if json_path is None:
+        raise CheckpointError(
+            f"{spec} is not a tokenmorph export (a .json recipe with format {EXPORT_FORMAT} next "
+            "to its .safetensors)"
+        )
+    recipe = json.loads(json_path.read_text())
+    weights = json_path.parent / recipe["weights"]
+    if not weights.is_file():
+        raise CheckpointError(f"{json_path}: its weights {weights} are missing")
+    try:
+        encoder = timm.create_model(
+            recipe["timm_model"],
+            pretrained=True,
+            pretrained_cfg_overlay=dict(file=str(weights)),
+            **recipe["kwargs"],
+        )
+    except Exception as e:  # timm raises several types for weights that do not fit
+        raise CheckpointError(
+            f"cannot load the export {json_path} in timm {timm.__version__} "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        ) from None
+    arch = {k: recipe[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
+    arch["framework"] = recipe.get("framework", "beit")
+    if "init_values" in recipe["kwargs"]:
+        arch["init_values"] = recipe["kwargs"]["init_values"]
+    return ExportedEncoder(
+        arch, encoder, tuple(recipe["mean"]), tuple(recipe["std"]), str(json_path)
     )

@@ -1,6 +1,7 @@
 """Models: the students (BEiT framework: :class:`MaskedViTStudent`; MAE framework:
 :class:`MAEStudent`), the frozen teachers (:mod:`.teachers`), the one student -> timm mapping
-(:mod:`.arch`) and the typed record of a pre-trained student (:class:`StudentRecord`)."""
+(:mod:`.arch`), the typed record of a pre-trained student (:class:`StudentRecord`), and the
+segmentation models on a ViT (:mod:`.segmentation`: UperNet, DINOv2's linear head)."""
 
 from .arch import (
     DECODER_PRESETS,

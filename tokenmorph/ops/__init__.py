@@ -7,4 +7,6 @@
 * :mod:`.degrade`: the Beyond Masking degradations, one :class:`~.degrade.Degradation` per
   objective.
 * :mod:`.patches`: patchify / unpatchify, resizing, per-patch pixel normalisation.
+* :mod:`.segmentation`: the segmentation loss, confusion-matrix metrics (mmseg's rules),
+  sliding-window and whole-image inference.
 """

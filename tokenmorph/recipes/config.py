@@ -26,6 +26,7 @@ from ..data.transforms import INTERPOLATIONS
 from ..errors import ConfigError
 from ..models.arch import DECODER_PRESETS, FRAMEWORKS, REL_POS, STUDENT_SIZES
 from ..models.layouts import REL_POS_INITS
+from ..models.segmentation import CLASSIFIER_INITS, REL_POS_RESIZE
 from ..models.student import STUDENT_INITS
 from ..models.teachers import TEACHER_NAMES, is_teacher_name
 from ..ops.degrade import DEGRADATIONS, default_zoom_out_content
@@ -33,7 +34,8 @@ from ..ops.losses import DISTANCES, SCHEDULERS
 from ..ops.masking import num_random_masked
 from ..ops.morph import MODES
 from ..ops.patches import PIXEL_NORMS
-from ..runtime.optim import LR_SCALING, scaled_lr
+from ..ops.segmentation import INFERENCE_MODES
+from ..runtime.optim import LR_SCALING, LR_SCHEDULES, WEIGHT_DECAY_RULES, scaled_lr
 from ..runtime.precision import PRECISIONS
 from ..runtime.resume import FIXED, FREE
 from ..runtime.sampling import check_batch_layout
@@ -44,6 +46,7 @@ __all__ = [
     "EngineConfig",
     "PretrainConfig",
     "FinetuneConfig",
+    "SegmentConfig",
     "load_config",
     "config_names",
     "CONFIG_DIR",
@@ -108,6 +111,13 @@ class EngineConfig:
     )
     min_lr: float = field(
         default=1e-5, metadata=dict(doc="final learning rate of the cosine", min=0.0)
+    )
+    lr_schedule: str = field(
+        default="cosine",
+        metadata=dict(doc="learning-rate schedule after the warm-up", choices=tuple(LR_SCHEDULES)),
+    )
+    poly_power: float = field(
+        default=1.0, metadata=dict(doc="lr_schedule=poly: the exponent of the decay", min=0.0)
     )
     warmup_epochs: float = field(
         default=10, metadata=dict(doc="linear warm-up length in epochs", min=0.0)
@@ -647,7 +657,200 @@ class FinetuneConfig(EngineConfig):
         return self
 
 
-CONFIG_CLASSES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
+@dataclass
+class SegmentConfig(EngineConfig):
+    """Every setting of a semantic-segmentation fine-tuning run (UperNet on a ViT; the defaults
+    are the ADE20K recipe for a self-supervised ViT-B: configs/segment/vit-b16-ade20k.yaml says
+    where each value comes from)."""
+
+    # backbone
+    checkpoint: str | None = field(
+        default=None,
+        metadata=dict(
+            resume=FIXED,
+            doc="backbone: a tokenmorph checkpoint or run folder, an export (.json/.safetensors), "
+            "or timm:NAME (None = random init of model)",
+        ),
+    )
+    random_init: bool = field(
+        default=False,
+        metadata=dict(resume=FIXED, doc="timm:NAME with random weights (no download)"),
+    )
+    model: str = field(
+        default="base",
+        metadata=dict(resume=FIXED, doc="size when training from scratch", choices=SIZES),
+    )
+    patch_size: int = field(
+        default=16, metadata=dict(resume=FIXED, doc="patch side when training from scratch", min=1)
+    )
+    drop_path: float = field(
+        default=0.1, metadata=dict(doc="stochastic depth rate", min=0.0, max=1.0)
+    )
+    layer_decay: float = field(
+        default=0.65,
+        metadata=dict(doc="layer-wise lr decay (BEiT's rule: heads 1.0)", min=0.0, max=1.0),
+    )
+    weight_decay_rule: str = field(
+        default="release",
+        metadata=dict(doc="what is exempt from weight decay", choices=tuple(WEIGHT_DECAY_RULES)),
+    )
+    rel_pos_init: str = field(
+        default="own_plus_shared",
+        metadata=dict(
+            resume=FIXED,
+            doc="each block's relative position table starts by one of classification "
+            "fine-tuning's rules (its default; shared_only is BEiT v2's segmentation loader, "
+            "which copies a shared table into every block)",
+            choices=tuple(REL_POS_INITS),
+        ),
+    )
+    rel_pos_resize: str = field(
+        default="release",
+        metadata=dict(
+            resume=FIXED,
+            doc="bias tables to the crop's grid: the release's cubic spline or timm's linear",
+            choices=REL_POS_RESIZE,
+        ),
+    )
+    out_indices: str = field(
+        default="auto",
+        metadata=dict(
+            resume=FIXED, doc="the 4 blocks UperNet reads, e.g. 3,5,7,11 (auto: BEiT's rule)"
+        ),
+    )
+    # heads
+    head_channels: int | None = field(
+        default=None,
+        metadata=dict(
+            resume=FIXED, doc="UperNet width (default: the backbone's width, as BEiT)", min=1
+        ),
+    )
+    aux_channels: int = field(
+        default=256, metadata=dict(resume=FIXED, doc="auxiliary FCN head width", min=1)
+    )
+    aux_weight: float = field(
+        default=0.4, metadata=dict(doc="auxiliary loss weight (0 = no auxiliary head)", min=0.0)
+    )
+    dropout: float = field(
+        default=0.1, metadata=dict(doc="dropout before the classifiers", min=0.0, max=1.0)
+    )
+    classifier_init: str = field(
+        default="release",
+        metadata=dict(
+            resume=FIXED,
+            doc="the heads' 1x1 classifiers: mmseg's N(0, 0.01) or PyTorch's default (short runs)",
+            choices=tuple(CLASSIFIER_INITS),
+        ),
+    )
+    # data
+    data: str = field(
+        default="data/ade/ADEChallengeData2016",
+        metadata=dict(
+            doc="ADE20K folder, a folder with images/ + masks/, or fashion-mnist-seg (the proxy)"
+        ),
+    )
+    val_data: str | None = field(
+        default=None, metadata=dict(doc="validation folder (images/ + masks/) for your own data")
+    )
+    num_classes: int | None = field(
+        default=None,
+        metadata=dict(resume=FIXED, doc="classes of your own data without classes.txt", min=1),
+    )
+    reduce_zero_label: bool = field(
+        default=False,
+        metadata=dict(
+            resume=FIXED, doc="your own data: label 0 -> ignore, v -> v - 1 (ADE20K: always)"
+        ),
+    )
+    on_bad_image: str = field(
+        default="skip",
+        metadata=dict(
+            doc="a bad pair (missing mask, size mismatch, undecodable): skip and count, or stop",
+            choices=("skip", "raise"),
+        ),
+    )
+    crop_size: int = field(
+        default=512, metadata=dict(resume=FIXED, doc="training crop side", min=8)
+    )
+    scale_long: int | None = field(
+        default=2048,
+        metadata=dict(doc="rescale bound of the long side (None: short side only)", min=1),
+    )
+    scale_short: int = field(
+        default=512, metadata=dict(doc="rescale bound of the short side", min=1)
+    )
+    ratio_min: float = field(default=0.5, metadata=dict(doc="random rescale ratio, low", min=0.01))
+    ratio_max: float = field(default=2.0, metadata=dict(doc="random rescale ratio, high", min=0.01))
+    cat_max_ratio: float = field(
+        default=0.75,
+        metadata=dict(doc="random crop: largest share of one class (1 = off)", min=0.0, max=1.0),
+    )
+    hflip: bool = field(default=True, metadata=dict(doc="random horizontal flip"))
+    photometric: bool = field(default=True, metadata=dict(doc="photometric distortion"))
+    # evaluation
+    eval_mode: str = field(
+        default="slide",
+        metadata=dict(doc="inference on the validation images", choices=tuple(INFERENCE_MODES)),
+    )
+    eval_stride: int = field(default=341, metadata=dict(doc="sliding-window stride", min=1))
+    eval_batch_size: int = field(
+        default=1,
+        metadata=dict(
+            resume=FREE, doc="validation images per forward (> 1 needs images of one size)", min=1
+        ),
+    )
+    limit_val: int | None = field(
+        default=None, metadata=dict(doc="evaluate on N validation images (the first N)", min=1)
+    )
+    # the optimiser of the segmentation releases, overriding the pre-training defaults
+    lr: float = field(
+        default=4e-4, metadata=dict(doc="base learning rate (scaled by lr_scaling)", min=0.0)
+    )
+    beta2: float = field(default=0.999, metadata=dict(doc="AdamW beta2", min=0.0, max=1.0))
+    clip_grad: float | None = field(
+        default=None, metadata=dict(doc="gradient-norm clipping (None = off)", min=0.0)
+    )
+    min_lr: float = field(default=0.0, metadata=dict(doc="final learning rate", min=0.0))
+    lr_schedule: str = field(
+        default="poly",
+        metadata=dict(doc="learning-rate schedule after the warm-up", choices=tuple(LR_SCHEDULES)),
+    )
+    warmup_steps: int | None = field(
+        default=1500, metadata=dict(doc="warm-up in steps (overrides warmup_epochs)", min=0)
+    )
+    max_steps: int | None = field(
+        default=160000,
+        metadata=dict(doc="training length in optimiser steps (overrides epochs)", min=0),
+    )
+    batch_size: int = field(
+        default=16, metadata=dict(doc="global batch (all ranks, all accumulation steps)", min=1)
+    )
+    save_every: int = field(
+        default=16000, metadata=dict(doc="checkpoint every N steps (and at the end)", min=1)
+    )
+
+    def validate(self) -> SegmentConfig:
+        super().validate()
+        if self.ratio_min > self.ratio_max:
+            raise ConfigError(f"ratio_min={self.ratio_min} is above ratio_max={self.ratio_max}")
+        if self.eval_stride > self.crop_size:
+            raise ConfigError(
+                f"eval_stride={self.eval_stride} is larger than crop_size={self.crop_size}: "
+                "windows would leave gaps"
+            )
+        if self.out_indices != "auto":
+            try:
+                indices = [int(v) for v in self.out_indices.split(",")]
+            except ValueError:
+                indices = []
+            if len(indices) != 4 or min(indices) < 0:
+                raise ConfigError(
+                    f"out_indices={self.out_indices!r}: give 4 block indices, e.g. 3,5,7,11"
+                )
+        return self
+
+
+CONFIG_CLASSES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "segment": SegmentConfig}
 KINDS_BY_CLASS = {v: k for k, v in CONFIG_CLASSES.items()}
 
 
@@ -780,15 +983,17 @@ def _config_dir(kind: str) -> Path:
 
 
 def config_names(kind: str = "pretrain") -> list[str]:
-    """Names of the configs of ``kind`` ("pretrain" or "finetune") that ship with tokenmorph."""
+    """Names of the configs of ``kind`` ("pretrain", "finetune", "segment") that ship with
+    tokenmorph."""
     return sorted(p.stem for p in _config_dir(kind).glob("*.yaml"))
 
 
 def load_config(name_or_path: str, overrides: dict | None = None, kind: str = "pretrain"):
     """A shipped config by name, or a YAML file by path; then ``overrides``; then validation.
 
-    ``kind`` is "pretrain" (:class:`PretrainConfig`) or "finetune" (:class:`FinetuneConfig`). A
-    config file may name a ``base:`` config whose values it extends.
+    ``kind`` is "pretrain" (:class:`PretrainConfig`), "finetune" (:class:`FinetuneConfig`) or
+    "segment" (:class:`SegmentConfig`). A config file may name a ``base:`` config whose values it
+    extends.
     """
     cfg = CONFIG_CLASSES[kind]()
     _load_into(cfg, name_or_path, kind, seen=set())

@@ -1,6 +1,7 @@
-"""The optimiser step of every run: AdamW with timm's parameter groups, timm's per-step cosine
-schedule with linear warm-up, an optional cosine weight-decay schedule, a GradScaler (fp16) and
-gradient clipping."""
+"""The optimiser step of every run: AdamW with timm's parameter groups, a per-step learning-rate
+schedule (``lr_schedule``: timm's cosine with linear warm-up, the default; or mmcv's poly with
+linear warm-up, the segmentation releases'), an optional cosine weight-decay schedule, a
+GradScaler (fp16) and gradient clipping."""
 
 from __future__ import annotations
 
@@ -9,11 +10,35 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["LR_SCALING", "scaled_lr", "OptimizerStep"]
+__all__ = [
+    "LR_SCALING",
+    "LR_SCHEDULES",
+    "WEIGHT_DECAY_RULES",
+    "scaled_lr",
+    "poly_lr",
+    "PolyWarmupLR",
+    "layer_decay_param_groups",
+    "OptimizerStep",
+]
 
 # lr_scaling -> factor of the base lr as a function of batch / lr_base_batch (docs/method.md,
 # recipes)
 LR_SCALING = {"none": lambda ratio: 1.0, "linear": lambda ratio: ratio, "sqrt": math.sqrt}
+# lr_schedule -> what it is (the config's choices)
+LR_SCHEDULES = {
+    "cosine": "timm's per-step cosine to min_lr after a linear warm-up from 0",
+    "poly": "mmcv's poly decay (power poly_power) to min_lr, a linear warm-up multiplying it",
+}
+# which parameters are exempt from weight decay in layer_decay_param_groups
+WEIGHT_DECAY_RULES = {
+    "release": "1-D parameters and biases only (BEiT's mmcv constructor: the CLS token, position "
+    "embedding and relative position tables are decayed)",
+    "timm": "also what the backbone's no_weight_decay() names (CLS token, position embedding, "
+    "relative position tables)",
+}
+# mmcv's warmup_ratio in the BEiT / BEiT v2 / DINOv2 segmentation configs: the first step's
+# learning rate is this fraction of the (poly-decayed) one
+POLY_WARMUP_RATIO = 1e-6
 
 
 def scaled_lr(cfg) -> float:
@@ -23,14 +48,113 @@ def scaled_lr(cfg) -> float:
     return cfg.lr * LR_SCALING[cfg.lr_scaling](cfg.batch_size / cfg.lr_base_batch)
 
 
+def poly_lr(
+    base: float,
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    power: float = 1.0,
+    min_lr: float = 0.0,
+    warmup_ratio: float = POLY_WARMUP_RATIO,
+) -> float:
+    """mmcv's ``PolyLrUpdaterHook`` with linear warm-up, by iteration (``step`` counted from 0):
+    ``(base - min_lr) * (1 - step / total_steps) ** power + min_lr``, multiplied during the first
+    ``warmup_steps`` steps by ``1 - (1 - step / warmup_steps) * (1 - warmup_ratio)``: the warm-up
+    scales the already-decayed value (mmcv's rule, not timm's ramp to the peak)."""
+    regular = (base - min_lr) * (1 - step / total_steps) ** power + min_lr
+    if step < warmup_steps:
+        return regular * (1 - (1 - step / warmup_steps) * (1 - warmup_ratio))
+    return regular
+
+
+class PolyWarmupLR:
+    """:func:`poly_lr` for every parameter group of an optimiser, each from its own initial lr
+    (``lr`` x the group's ``lr_scale``, timm's layer-decay key; mmcv's groups carry their scaled
+    lr the same way). Stateless: the lr is a function of the step, so resuming needs nothing; the
+    timm scheduler interface (``step_update``, ``state_dict``) the optimiser step expects."""
+
+    def __init__(self, optimizer, total_steps: int, warmup_steps: int, power: float, min_lr: float):
+        self.optimizer, self.total_steps, self.warmup_steps = optimizer, total_steps, warmup_steps
+        self.power, self.min_lr = power, min_lr
+        for g in optimizer.param_groups:
+            g.setdefault("poly_base_lr", g["lr"] * g.get("lr_scale", 1.0))
+
+    def step_update(self, step: int) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = poly_lr(
+                g["poly_base_lr"],
+                step,
+                self.total_steps,
+                self.warmup_steps,
+                self.power,
+                self.min_lr,
+            )
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def layer_decay_param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    layer_decay: float,
+    depth: int,
+    prefix: str,
+    rule: str = "release",
+) -> list[dict]:
+    """Parameter groups with layer-wise lr decay for a model holding a ViT under ``prefix``
+    (e.g. ``"backbone.vit."``), by BEiT's ``LayerDecayOptimizerConstructor`` (its segmentation
+    release): the ViT's CLS / mask token, position embedding and patch embedding are layer 0,
+    block i is layer i + 1, everything else (the ViT's other parameters, necks, heads) is layer
+    depth + 1; a layer's lr is scaled by ``layer_decay ** (depth + 1 - layer)`` (the heads 1.0,
+    the last block ``layer_decay``). Weight decay by ``rule`` (:data:`WEIGHT_DECAY_RULES`).
+
+    Groups carry ``lr_scale`` (timm's key, which the schedules multiply) and ``weight_decay``;
+    parameters that do not require gradients are left out."""
+    if rule not in WEIGHT_DECAY_RULES:
+        raise ValueError(f"rule must be one of {tuple(WEIGHT_DECAY_RULES)}, got {rule!r}")
+    vit = model.get_submodule(prefix.rstrip(".")) if prefix else model
+    exempt = (
+        set(vit.no_weight_decay()) if rule == "timm" and hasattr(vit, "no_weight_decay") else set()
+    )
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        rel = name[len(prefix) :] if name.startswith(prefix) else None
+        if rel is None:
+            layer = depth + 1
+        elif rel.split(".")[0] in ("cls_token", "mask_token", "pos_embed", "patch_embed"):
+            layer = 0
+        elif rel.startswith("blocks."):
+            layer = int(rel.split(".")[1]) + 1
+        else:
+            layer = depth + 1
+        no_decay = p.ndim == 1 or name.endswith(".bias") or (rel is not None and rel in exempt)
+        key = (layer, no_decay)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr_scale": layer_decay ** (depth + 1 - layer),
+                "layer": layer,
+            }
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
 class OptimizerStep:
     """One optimiser step over ``total_steps`` steps: :meth:`begin` (schedules, zero grad),
     :meth:`backward` per micro-batch, then :meth:`apply` (unscale, clip, AdamW, scaler update) or
     :meth:`skip`.
 
     Args:
-        cfg: the run config (lr, lr_scaling, lr_base_batch, min_lr, warmup_steps / warmup_epochs,
-            weight_decay, weight_decay_end, beta1, beta2, clip_grad, precision).
+        cfg: the run config (lr, lr_scaling, lr_base_batch, lr_schedule, poly_power, min_lr,
+            warmup_steps / warmup_epochs, weight_decay, weight_decay_end, beta1, beta2,
+            clip_grad, precision).
         model: the trainable module.
         param_groups: optimiser groups (default: timm's weight-decay groups of ``model``,
             exempting what its ``no_weight_decay()`` names).
@@ -66,15 +190,20 @@ class OptimizerStep:
         self.optimizer = torch.optim.AdamW(
             param_groups, lr=self.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8
         )
-        self.scheduler = CosineLRScheduler(
-            self.optimizer,
-            t_initial=max(total_steps - self.warmup_steps, 1),
-            lr_min=cfg.min_lr,
-            warmup_t=self.warmup_steps,
-            warmup_lr_init=0.0,
-            warmup_prefix=True,
-            t_in_epochs=False,
-        )
+        if cfg.lr_schedule == "poly":
+            self.scheduler = PolyWarmupLR(
+                self.optimizer, max(total_steps, 1), self.warmup_steps, cfg.poly_power, cfg.min_lr
+            )
+        else:
+            self.scheduler = CosineLRScheduler(
+                self.optimizer,
+                t_initial=max(total_steps - self.warmup_steps, 1),
+                lr_min=cfg.min_lr,
+                warmup_t=self.warmup_steps,
+                warmup_lr_init=0.0,
+                warmup_prefix=True,
+                t_in_epochs=False,
+            )
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
 
     @property

@@ -57,7 +57,6 @@ __all__ = [
     "RunFolder",
     "run_dir_for",
     "check_output_dir",
-    "run_in_folder",
     "set_command_line",
 ]
 
@@ -334,16 +333,3 @@ class RunFolder:
         except ImportError:  # matplotlib is an optional extra
             return
         summary["plot"] = str(plot_runs([self.path], self.path / "loss_curve.png"))
-
-
-def run_in_folder(
-    engine, cfg, describe: str, finish: Callable[[dict], dict] | None = None, plot: bool = True
-) -> dict | None:
-    """:class:`RunFolder` for a recipe that has built its engine already: the same checks, lock,
-    records and refusals, only after the model is built. Prefer opening the folder first (the
-    module docstring's pattern), so that a refused resume costs nothing."""
-    with RunFolder.open(cfg, engine.dist, engine.kind) as folder:
-        done = folder.check_data(getattr(engine.dataset, "dataset", engine.dataset))
-        if done is not None:
-            return done
-        return folder.run(engine, describe, finish=finish, plot=plot)
