@@ -15,7 +15,7 @@ from tokenmorph.eval.knn import knn_classify
 from tokenmorph.eval.linear import linear_probe
 from tokenmorph.hub.backbone import load_backbone
 
-from .helpers import run_cli
+from .helpers import run_cli, smoke_args
 
 CLASSES = ("astronaut", "coffee", "rocket")  # the class_tree fixture's (conftest.py)
 
@@ -153,13 +153,7 @@ def smoke_run(class_tree, tmp_path_factory):
     """A run folder with a checkpoint of 2 smoke pre-training steps on class_tree's train images."""
     out = tmp_path_factory.mktemp("run")
     run_cli(
-        "pretrain",
-        "--config",
-        "smoke",
-        "--data",
-        str(class_tree / "train"),
-        "--output-dir",
-        str(out),
+        *smoke_args(str(class_tree / "train"), str(out)),
         "--max-steps",
         "2",
     )

@@ -22,7 +22,7 @@ from tokenmorph.hub.export import export_encoder
 from tokenmorph.models import create_student, student_from_checkpoint
 from tokenmorph.runtime.checkpoints import CHECKPOINT_FORMAT
 
-from .test_cli import run_cli
+from .helpers import run_cli, smoke_args
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
 SMOKE_ARCH = dict(img_size=32, patch_size=4, depth=2)  # the smoke config's student geometry
@@ -295,13 +295,7 @@ def test_end_to_end_pretrain_export_timm(photo_dir, tmp_path):
 
     out = tmp_path / "run"
     run_cli(
-        "pretrain",
-        "--config",
-        "smoke",
-        "--data",
-        str(photo_dir),
-        "--output-dir",
-        str(out),
+        *smoke_args(str(photo_dir), str(out)),
         "--max-steps",
         "2",
     )

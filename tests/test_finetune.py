@@ -13,20 +13,14 @@ from tokenmorph.recipes.config import load_config, parse_overrides
 from tokenmorph.recipes.finetune import build_model, finetune_no_weight_decay, posterize
 from tokenmorph.runtime.checkpoints import latest_checkpoint, load_checkpoint
 
-from .helpers import final_weights, read_metrics, run_cli
+from .helpers import final_weights, read_metrics, run_cli, smoke_args
 
 
 @pytest.fixture(scope="module")
 def pretrained(photo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("pre") / "run"
     run_cli(
-        "pretrain",
-        "--config",
-        "smoke",
-        "--data",
-        str(photo_dir),
-        "--output-dir",
-        str(out),
+        *smoke_args(str(photo_dir), str(out)),
         "--max-steps",
         "2",
     )

@@ -12,18 +12,12 @@ import torch
 
 from tokenmorph.models import create_student, timm_encoder_kwargs
 
-from .helpers import final_weights, read_metrics, run_cli
+from .helpers import final_weights, read_metrics, run_cli, smoke_args
 
 
 def smoke(photo_dir, out, *extra, check=True):
     return run_cli(
-        "pretrain",
-        "--config",
-        "smoke",
-        "--data",
-        str(photo_dir),
-        "--output-dir",
-        str(out),
+        *smoke_args(str(photo_dir), str(out)),
         *extra,
         check=check,
     )

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from .helpers import final_weights, read_metrics, run_cli
+from .helpers import final_weights, read_metrics, run_cli, smoke_args
 
 
 def smoke_cmd(photo_dir, out, *extra):
@@ -47,25 +47,13 @@ def test_injected_nan_stops_with_step_and_last_checkpoint(photo_dir, tmp_path):
     # the bad step never touched the weights: resuming (fault gone) gives the uninterrupted run
     # exactly
     run_cli(
-        "pretrain",
-        "--config",
-        "smoke",
-        "--data",
-        str(photo_dir),
-        "--output-dir",
-        str(out),
+        *smoke_args(str(photo_dir), str(out)),
         "--max-steps",
         "8",
     )
     ref = tmp_path / "ref"
     run_cli(
-        "pretrain",
-        "--config",
-        "smoke",
-        "--data",
-        str(photo_dir),
-        "--output-dir",
-        str(ref),
+        *smoke_args(str(photo_dir), str(ref)),
         "--max-steps",
         "8",
     )
@@ -105,13 +93,7 @@ def test_kill_during_checkpoint_write_keeps_previous(photo_dir, tmp_path):
         p.name.startswith(".tmp-step_00000004.pt") for p in ckpt_dir.iterdir()
     )  # the half-written file
     resumed = run_cli(
-        "pretrain",
-        "--config",
-        "smoke",
-        "--data",
-        str(photo_dir),
-        "--output-dir",
-        str(out),
+        *smoke_args(str(photo_dir), str(out)),
         "--max-steps",
         "6",
         "save_every=2",
@@ -119,13 +101,7 @@ def test_kill_during_checkpoint_write_keeps_previous(photo_dir, tmp_path):
     assert "(step 2)" in resumed.stdout
     ref = tmp_path / "ref"
     run_cli(
-        "pretrain",
-        "--config",
-        "smoke",
-        "--data",
-        str(photo_dir),
-        "--output-dir",
-        str(ref),
+        *smoke_args(str(photo_dir), str(ref)),
         "--max-steps",
         "6",
         "save_every=2",
@@ -187,13 +163,7 @@ def test_not_a_checkpoint_and_wrong_kind(photo_dir, tmp_path):
     # a checkpoint folder holding only an unreadable newest file falls back to the previous one
     out = tmp_path / "run"
     run_cli(
-        "pretrain",
-        "--config",
-        "smoke",
-        "--data",
-        str(photo_dir),
-        "--output-dir",
-        str(out),
+        *smoke_args(str(photo_dir), str(out)),
         "--max-steps",
         "4",
         "save_every=2",
@@ -201,13 +171,7 @@ def test_not_a_checkpoint_and_wrong_kind(photo_dir, tmp_path):
     newest = sorted((out / "checkpoints").glob("step_*.pt"))[-1]
     newest.write_bytes(newest.read_bytes()[:1000])
     proc = run_cli(
-        "pretrain",
-        "--config",
-        "smoke",
-        "--data",
-        str(photo_dir),
-        "--output-dir",
-        str(out),
+        *smoke_args(str(photo_dir), str(out)),
         "--max-steps",
         "4",
         "save_every=2",
@@ -251,26 +215,14 @@ def test_resume_with_another_process_count(photo_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     resumed = run_cli(
-        "pretrain",
-        "--config",
-        "smoke",
-        "--data",
-        str(photo_dir),
-        "--output-dir",
-        str(mixed),
+        *smoke_args(str(photo_dir), str(mixed)),
         "--max-steps",
         "4",
         *common,
     )
     assert "resuming a 2-process run with 1 processes" in resumed.stdout
     run_cli(
-        "pretrain",
-        "--config",
-        "smoke",
-        "--data",
-        str(photo_dir),
-        "--output-dir",
-        str(ref),
+        *smoke_args(str(photo_dir), str(ref)),
         "--max-steps",
         "4",
         *common,
@@ -279,13 +231,7 @@ def test_resume_with_another_process_count(photo_dir, tmp_path):
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
     proc = run_cli(
-        "pretrain",
-        "--config",
-        "smoke",
-        "--data",
-        str(photo_dir),
-        "--output-dir",
-        str(tmp_path / "odd"),
+        *smoke_args(str(photo_dir), str(tmp_path / "odd")),
         "--max-steps",
         "2",
         "batch_size=6",

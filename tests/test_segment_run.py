@@ -14,7 +14,7 @@ from tokenmorph.recipes.config import load_config
 from tokenmorph.recipes.segment import segmentation_backbone
 from tokenmorph.runtime.checkpoints import latest_checkpoint, load_checkpoint
 
-from .helpers import final_weights, read_metrics, run_cli
+from .helpers import final_weights, read_metrics, run_cli, smoke_args
 
 # A short tiny-scale version of the ADE20K protocol: every override shrinks a size, none
 # changes the recipe (pipeline, heads, schedule, layer decay, metrics).
@@ -38,13 +38,7 @@ TINY = [
 def smoke_run(photo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("pre") / "run"
     run_cli(
-        "pretrain",
-        "--config",
-        "smoke",
-        "--data",
-        photo_dir,
-        "--output-dir",
-        out,
+        *smoke_args(photo_dir, out),
         "--max-steps",
         "2",
     )

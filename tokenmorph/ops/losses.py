@@ -330,29 +330,18 @@ class DTMLoss(nn.Module):
         if chunks is not None:
             if not callable(rng):
                 raise ValueError("with chunks, rng must be a callable chunk -> random generator")
-            self.last_chunk_schedules = {
+            schedules = {
                 c: self.sample_schedules(pred.shape[1], rng(c)) for c in dict.fromkeys(chunks)
             }
-            self.last_schedules = [s for ss in self.last_chunk_schedules.values() for s in ss]
-            return dtm_loss(
-                pred,
-                target,
-                self.last_chunk_schedules,
-                mode=self.mode,
-                distance=self.distance,
-                beta=self.beta,
-                normalize_target=self.normalize_target,
-                mask=mask if self.masked_only else None,
-                per_group=self.per_group,
-                generator=self.generator,
-                chunks=list(chunks),
-            )
-        self.last_schedules = self.sample_schedules(pred.shape[1], rng)
-        self.last_chunk_schedules = {0: self.last_schedules}
+            self.last_chunk_schedules = schedules
+            self.last_schedules = [s for ss in schedules.values() for s in ss]
+        else:
+            schedules = self.last_schedules = self.sample_schedules(pred.shape[1], rng)
+            self.last_chunk_schedules = {0: schedules}
         return dtm_loss(
             pred,
             target,
-            self.last_schedules,
+            schedules,
             mode=self.mode,
             distance=self.distance,
             beta=self.beta,
@@ -360,6 +349,7 @@ class DTMLoss(nn.Module):
             mask=mask if self.masked_only else None,
             per_group=self.per_group,
             generator=self.generator,
+            chunks=None if chunks is None else list(chunks),
         )
 
     def extra_repr(self) -> str:

@@ -58,29 +58,22 @@ def build_student_and_teacher(cfg: PretrainConfig, device: torch.device, mean=No
         device=device,
         **kwargs,
     )
+    common = dict(
+        target_dim=teacher.dim,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        drop_path_rate=cfg.drop_path,
+        mean=mean,
+        std=std,
+        depth=cfg.depth,
+    )
     if cfg.framework == "mae":
-        student = create_mae_student(
-            cfg.model,
-            target_dim=teacher.dim,
-            img_size=cfg.img_size,
-            patch_size=cfg.patch_size,
-            drop_path_rate=cfg.drop_path,
-            mean=mean,
-            std=std,
-            depth=cfg.depth,
-            **decoder_shape(cfg),
-        ).to(device)
+        student = create_mae_student(cfg.model, **common, **decoder_shape(cfg)).to(device)
     else:
         student = create_student(
             cfg.model,
-            target_dim=teacher.dim,
-            img_size=cfg.img_size,
-            patch_size=cfg.patch_size,
-            drop_path_rate=cfg.drop_path,
+            **common,
             init_values=cfg.layer_scale_init,
-            mean=mean,
-            std=std,
-            depth=cfg.depth,
             rel_pos=cfg.rel_pos_bias,
             init=cfg.init,
         ).to(device)
