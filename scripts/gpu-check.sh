@@ -159,14 +159,15 @@ for name, student in (("beit", create_student("base", target_dim=512)),
             usable.append(backend.name)
         except RuntimeError:
             pass
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:  # the aten op and its kernel
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
             student(x)
         torch.cuda.synchronize()
     kernels = sorted({e.key for e in prof.key_averages()
                       if any(k in e.key.lower() for k in ("flash", "fmha", "attention", "sdpa"))})
     result[name] = {"timm_fused_attn": bool(getattr(encoder.blocks[0].attn, "fused_attn", False)),
-                    "usable_backends": usable, "attention_kernels": kernels[:6]}
+                    "usable_backends": usable, "attention_ops_and_kernels": kernels[:8]}
 print(json.dumps(result))
 EOF
 

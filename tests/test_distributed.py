@@ -1,6 +1,9 @@
-"""Several processes (torchrun, gloo on the CPU) train what one process trains: every framework x
-objective (the unmasked objectives leave the mask token without a gradient), a shard whose every
-image is undecodable on one rank, the rank-0 checkpoint choice."""
+"""Ready for several GPUs, checked on the CPU: several processes (torchrun, gloo) train what one
+process trains for every framework x objective (the unmasked objectives leave the mask token
+without a gradient), with a shard whose every image is undecodable on one rank; rank 0 chooses
+the checkpoint every rank resumes; another precision on resume; the loader's uint8 images; the
+pre-Ampere bf16 warning and the benchmark's peaks. (A signal to one rank only:
+tests/test_adversarial.py.)"""
 
 import itertools
 import os
@@ -15,7 +18,7 @@ import torch
 from tokenmorph.ops.degrade import OBJECTIVES
 
 from .conftest import make_photo_dir
-from .helpers import final_weights, read_metrics, run_cli
+from .helpers import final_weights, read_metrics, run_cli, smoke_args
 
 COMBOS = list(itertools.product(("beit", "mae"), OBJECTIVES))
 
@@ -152,8 +155,7 @@ def test_rank_0_chooses_the_checkpoint_every_rank_resumes(photos, tmp_path):
     from tokenmorph.runtime.checkpoints import find_checkpoints
 
     seen, lagging = tmp_path / "run", tmp_path / "lagging-view"
-    run_cli("pretrain", "--config", "smoke", "--data", photos, "--output-dir", seen,
-            "--max-steps", "4", "save_every=2")  # fmt: skip
+    run_cli(*smoke_args(photos, seen, "--max-steps", "4", "save_every=2"))
     shutil.copytree(seen, lagging)
     (lagging / "checkpoints" / "step_00000004.pt").unlink()
     assert [p.name for p in find_checkpoints(lagging)] == ["step_00000002.pt"]

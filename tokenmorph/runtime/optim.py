@@ -228,9 +228,11 @@ class OptimizerStep:
         update the scaler; returns the gradient norm (NaN when not clipped: it is only computed
         for clipping)."""
         self.scaler.unscale_(self.optimizer)
-        if grad_scale != 1.0:
-            grads = [p.grad for g in self.optimizer.param_groups for p in g["params"]]
-            torch._foreach_mul_([g for g in grads if g is not None], grad_scale)
+        if grad_scale != 1.0:  # rare: a step in which some rank had no image
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(grad_scale)
         grad_norm = float("nan")
         if self.cfg.clip_grad is not None:
             grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad))
