@@ -17,7 +17,7 @@ import torch
 from ..ops.losses import dtm_loss
 from ..runtime.precision import autocast_dtype
 from .release import release_dense_dtm_loss, release_precision, set_explicit_attention
-from .timing import Timed, matmul_peak
+from .timing import Timed, matmul_peak, spec_peak
 
 __all__ = ["bench_pretrain", "bench_objectives"]
 
@@ -152,6 +152,8 @@ def bench_pretrain(
     flops = counter.get_total_flops()
     peak = matmul_peak(amp_dtype or torch.float32, device)
     peak_fp32 = peak if amp_dtype is None else matmul_peak(torch.float32, device)
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    spec = spec_peak(gpu, amp_dtype) if gpu else None
     result = {
         "benchmark": "pretrain",
         "student": model,
@@ -173,6 +175,10 @@ def bench_pretrain(
         # the ceiling of any precision-only speed-up over an fp32 step on this machine
         "matmul_peak_fp32_flops_per_s": peak_fp32,
         "peak_ratio_vs_fp32": peak / peak_fp32,
+        # the data sheet's dense peak of this GPU at this precision (None when unknown)
+        "gpu": gpu,
+        "spec_peak_flops_per_s": spec,
+        "fraction_of_spec_peak": None if spec is None else flops / ours["step_s"] / spec,
     }
     if baseline:
         amp_dtype = release_precision(dev.type)

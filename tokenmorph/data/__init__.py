@@ -43,6 +43,7 @@ from .transforms import (
     default_crop_pct,
     eval_transform,
     pretrain_transform,
+    to_unit_float,
 )
 
 __all__ = [
@@ -76,4 +77,5 @@ __all__ = [
     "default_crop_pct",
     "eval_transform",
     "pretrain_transform",
+    "to_unit_float",
 ]

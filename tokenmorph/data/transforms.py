@@ -4,6 +4,7 @@ model normalises with its own mean/std, see :func:`tokenmorph.data.dataset_stats
 
 from __future__ import annotations
 
+import torch
 from PIL import Image
 from torchvision import transforms as T
 
@@ -15,6 +16,7 @@ __all__ = [
     "DEFAULT_CROP_PCT",
     "ToRGB",
     "pretrain_transform",
+    "to_unit_float",
     "default_crop_pct",
     "eval_transform",
 ]
@@ -50,9 +52,12 @@ def pretrain_transform(
     color_jitter: float = 0.4,
     hflip: bool = True,
     interpolation: str = "bicubic",
+    uint8: bool = False,
 ) -> T.Compose:
     """The releases' pre-training augmentation: PIL image -> (3, img_size, img_size) float in
-    [0, 1], not normalised.
+    [0, 1], not normalised; with ``uint8``, the same pixels as uint8 in [0, 255] (a quarter of
+    the bytes through the loader's shared memory; :func:`to_unit_float` on the device gives the
+    float image bit for bit).
 
     With colour jitter (DTM, ``utils/datasets.py DataAugmentationForBEiT``): ColorJitter(0.4,
     0.4, 0.4) (brightness, contrast, saturation; no hue) on the whole image -> horizontal flip ->
@@ -70,7 +75,15 @@ def pretrain_transform(
         steps = [T.ColorJitter(color_jitter, color_jitter, color_jitter), *flip, crop]
     else:
         steps = [crop, *flip]
-    return T.Compose([ToRGB(), *steps, T.ToTensor()])
+    return T.Compose([ToRGB(), *steps, T.PILToTensor() if uint8 else T.ToTensor()])
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (..., H, W) in [0, 255] -> float32 in [0, 1], as ``ToTensor`` computes it
+    (x / 255, correctly rounded on any device); float images are returned as they are."""
+    if images.dtype != torch.uint8:
+        return images
+    return images.to(torch.float32).div_(255)
 
 
 TINY_IMAGE_SIDE = (

@@ -149,6 +149,15 @@ class EngineConfig:
     num_workers: int = field(
         default=2, metadata=dict(resume=FREE, doc="data-loader worker processes per rank", min=0)
     )
+    prefetch_factor: int = field(
+        default=4,
+        metadata=dict(
+            resume=FREE,
+            doc="micro-batches each worker loads ahead; with num_workers and the per-rank batch "
+            "this sets the shared memory a rank needs (docs/cluster.md)",
+            min=1,
+        ),
+    )
     output_dir: str | None = field(
         default=None, metadata=dict(resume=FREE, doc="run folder (default runs/<config name>)")
     )

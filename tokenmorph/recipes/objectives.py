@@ -157,6 +157,13 @@ class PretrainObjective:
         out.update(self.degradation.sample(rng))
         return out
 
+    def unused_parameters(self) -> tuple[str, ...]:
+        """The student's parameters this objective never gives a gradient: the mask token when
+        no mask reaches the student (zoom_in, distort, blur, decolorize); DDP must leave them
+        out of its all-reduce."""
+        masked = "mask" in self.sample(np.random.default_rng(0))
+        return () if masked else ("mask_token",)
+
     def __call__(self, model, batch: dict, step: int):
         d, mask = self.degrade(batch, step)
         return self.loss(model(d.inputs, mask), d, mask, step, batch.get("positions"))

@@ -102,6 +102,7 @@ def pretrain(cfg: PretrainConfig, dist_info: DistInfo | None = None) -> dict:
                 cfg.color_jitter,
                 cfg.hflip,
                 cfg.crop_interpolation,
+                uint8=True,  # normalised on the device (batch_to_device): 4x less shared memory
             ),
             exclude=(folder.path,),
         )
@@ -139,6 +140,7 @@ def _build_engine(cfg: PretrainConfig, dist_info: DistInfo, dataset, run_dir) ->
         kind="pretrain",
         compat=compat,
         extra_state=record.checkpoint_entries(),
+        unused=objective.unused_parameters(),
     )
     n_params = sum(p.numel() for p in student.parameters())
     what = f"{cfg.framework} framework, objective {cfg.objective}, {resolve_loss(cfg)} loss"

@@ -17,6 +17,7 @@ __all__ = [
     "shutdown_distributed",
     "all_reduce",
     "all_reduce_sums",
+    "broadcast_object",
     "barrier",
     "is_peer_failure",
     "env_rank",
@@ -98,6 +99,15 @@ def all_reduce_sums(info: DistInfo, values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def broadcast_object(info: DistInfo, obj):
+    """Rank 0's ``obj`` (any picklable value) on every rank; ``obj`` itself in one process."""
+    if not info.distributed:
+        return obj
+    box = [obj if info.is_main else None]
+    dist.broadcast_object_list(box, src=0, device=info.device)
+    return box[0]
 
 
 def barrier(info: DistInfo) -> None:

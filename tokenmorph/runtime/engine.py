@@ -23,6 +23,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -36,7 +37,7 @@ from .checkpoints import (
 )
 from .distributed import DistInfo, all_reduce_sums, barrier, is_peer_failure
 from .optim import OptimizerStep
-from .precision import autocast, autocast_dtype
+from .precision import autocast, autocast_dtype, bf16_warning
 from .run_logger import RunLogger
 from .sampling import KeyedDataset, StepBatchSampler, batch_to_device, collate_keyed
 from .seeding import mix_seed, seed_all
@@ -83,7 +84,8 @@ class Engine:
     Args:
         cfg: the run's config (fields used: batch_size, accum_steps, lr & schedule keys,
             weight_decay, beta1/2, clip_grad, precision, seed, save_every, keep_last, log_every,
-            nan_policy, tensorboard, num_workers, epochs, max_steps, warmup_*, stop_after).
+            nan_policy, tensorboard, num_workers, prefetch_factor, epochs, max_steps, warmup_*,
+            stop_after).
         model: the trainable module (wrapped in DDP when distributed); its parameters are
             optimised.
         step_fn: ``(model, batch, step) -> (loss, logs)``; batch is the dict of
@@ -96,6 +98,10 @@ class Engine:
             :class:`~.run_folder.RunFolder`).
         param_groups: optimiser groups (default: timm's weight-decay groups of ``model``).
         extra_state: entries added to every checkpoint (e.g. the student record).
+        unused: names of ``model``'s parameters that this run never gives a gradient (e.g. the
+            mask token of an objective that does not mask): they are marked as not trained,
+            so DDP leaves them out of its gradient all-reduce (every other parameter must get a
+            gradient at every step: DDP needs no per-step search for unused ones).
     """
 
     def __init__(
@@ -110,6 +116,7 @@ class Engine:
         compat: dict,
         param_groups: list | None = None,
         extra_state: dict | None = None,
+        unused: tuple[str, ...] = (),
     ) -> None:
         self.cfg, self.dist, self.kind, self.compat = cfg, dist_info, kind, compat
         self.run_dir = Path(run_dir)
@@ -132,12 +139,8 @@ class Engine:
         self.optim = OptimizerStep(cfg, model, self.total_steps, self.steps_per_epoch, param_groups)
         self.lr = self.optim.lr
         self.autocast_dtype = autocast_dtype(cfg.precision)
-        self.ddp_model = model
-        if dist_info.distributed:
-            self.ddp_model = nn.parallel.DistributedDataParallel(
-                model,
-                device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None,
-            )
+        _freeze_unused(model, tuple(unused))
+        self.ddp_model = _ddp(model, dist_info) if dist_info.distributed else model
         self.log = RunLogger(
             self.run_dir,
             dist_info.is_main,
@@ -147,6 +150,9 @@ class Engine:
             cfg.tensorboard,
             desc=f"{kind} {self.run_dir.name}",
         )
+        warning = bf16_warning(cfg.precision, dist_info.device)
+        if warning:
+            self.log.message(warning)
         self.step = 0
         self.images_seen = self.skipped_images = self.skipped_steps = 0
         self.empty_streak = 0
@@ -260,7 +266,7 @@ class Engine:
             collate_fn=collate_keyed,
             pin_memory=self.dist.device.type == "cuda",
             persistent_workers=False,
-            prefetch_factor=4 if cfg.num_workers > 0 else None,
+            prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
             worker_init_fn=_worker_ignore_signals,
         )
 
@@ -278,7 +284,13 @@ class Engine:
             sync = a == cfg.accum_steps - 1 or not self.dist.distributed
             with nullcontext() if sync else self.ddp_model.no_sync():
                 if batch["images"].shape[0] == 0:  # every image of this shard was undecodable
-                    loss = sum(p.sum() for p in self.model.parameters()) * 0.0
+                    # a zero loss every trained parameter takes part in, through DDP when
+                    # distributed: this rank joins the gradient all-reduce like the others
+                    loss = (
+                        self.ddp_model(zero_loss=True)
+                        if self.dist.distributed
+                        else _zero_loss(self.model)
+                    )
                     logs = {}
                 else:
                     with autocast(self.dist.device.type, self.autocast_dtype):
@@ -292,19 +304,26 @@ class Engine:
     def train_step(self, micro_batches, last_good: Path | None) -> StepResult:
         """One optimiser step over the next ``accum_steps`` micro-batches of ``micro_batches``.
         The step's numbers (non-finite ranks, loss, images, skipped images, stop signals) are
-        summed over the ranks in ONE all-reduce, so every rank takes the same decision: update,
-        skip (non-finite loss under nan_policy=skip, or no decodable image anywhere: the weights
-        are left as they are), stop (nan_policy=stop), or stop after this step (a signal reached
-        some rank)."""
+        summed over the ranks in ONE all-reduce (with the number of ranks that had an image), so
+        every rank takes the same decision: update, skip (non-finite loss under nan_policy=skip,
+        or no decodable image anywhere: the weights are left as they are), stop
+        (nan_policy=stop), or stop after this step (a signal reached some rank)."""
         wd = self.optim.begin(self.step)
         seed_all(mix_seed(self.cfg.seed, self.step, self.dist.rank, 0x7E))
         loss_sum, images, skipped = self._forward_backward(micro_batches)
         if fault("nan", self.step + 1):  # steps are counted from 1, as in metrics.jsonl
             loss_sum = float("nan")
         finite = math.isfinite(loss_sum)
-        bad_ranks, loss_total, images, skipped, stop = all_reduce_sums(
+        bad_ranks, loss_total, fed_ranks, images, skipped, stop = all_reduce_sums(
             self.dist,
-            [0.0 if finite else 1.0, loss_sum if finite else 0.0, images, skipped, self._stopping],
+            [
+                0.0 if finite else 1.0,
+                loss_sum if finite else 0.0,
+                1.0 if images else 0.0,
+                images,
+                skipped,
+                self._stopping,
+            ],
         )
         bad, empty = bad_ranks > 0, images == 0 and bad_ranks == 0
         grad_norm = float("nan")
@@ -313,9 +332,11 @@ class Engine:
         if bad or empty:
             self.optim.skip()
         else:
-            grad_norm = self.optim.apply()
+            # DDP averaged over every rank; ranks without an image gave zeros: the gradient is
+            # the mean over the ranks that had images (one process with the same data: the same)
+            grad_norm = self.optim.apply(self.dist.world_size / fed_ranks)
         self.step += 1
-        mean_loss = float("nan") if bad or empty else loss_total / self.dist.world_size
+        mean_loss = float("nan") if bad or empty else loss_total / fed_ranks
         return StepResult(
             mean_loss, int(images), int(skipped), grad_norm, wd, bad, empty, stop=int(stop)
         )
@@ -463,6 +484,50 @@ class Engine:
                 except ValueError:  # not in the main thread
                     pass
         return old
+
+
+class _Trained(nn.Module):
+    """The module DDP wraps: the model's own forward, or with ``zero_loss=True`` a zero that
+    every trained parameter takes part in (a rank whose shard had no decodable image joins the
+    gradient all-reduce with zero gradients; a loss from the unwrapped model would skip it and
+    the ranks' collectives would no longer pair)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, zero_loss: bool = False, **kwargs):
+        if zero_loss:
+            return _zero_loss(self.model)
+        return self.model(*args, **kwargs)
+
+
+def _zero_loss(model: nn.Module) -> torch.Tensor:
+    """0 x the sum of every trained parameter of ``model``: a scalar whose backward gives each
+    of them an exact zero gradient."""
+    return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+
+
+def _freeze_unused(model: nn.Module, unused: tuple[str, ...]) -> None:
+    """Mark the parameters this run never gives a gradient as not trained (after the optimiser
+    is built: its groups, and so its checkpoints, stay the same). AdamW leaves a parameter
+    without a gradient as it is either way; DDP only registers trained parameters, and would
+    otherwise wait for gradients that never come ("Expected to have finished reduction in the
+    prior iteration")."""
+    params = dict(model.named_parameters())
+    missing = [n for n in unused if n not in params]
+    if missing:
+        raise ValueError(f"unused parameters {missing} are not parameters of the model")
+    for n in unused:
+        params[n].requires_grad_(False)
+
+
+def _ddp(model: nn.Module, dist_info: DistInfo) -> nn.Module:
+    """``model`` in DDP, through :class:`_Trained`."""
+    cuda = dist_info.device.type == "cuda"
+    return nn.parallel.DistributedDataParallel(
+        _Trained(model), device_ids=[dist_info.device.index] if cuda else None
+    )
 
 
 def _end_workers(batches) -> None:

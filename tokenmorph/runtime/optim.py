@@ -223,11 +223,16 @@ class OptimizerStep:
         """Accumulate the gradient of one micro-batch's loss."""
         self.scaler.scale(loss / accum_steps).backward()
 
-    def apply(self) -> float:
-        """Unscale, clip (``clip_grad``), step and update the scaler; returns the gradient norm
-           (NaN
-        when not clipped: it is only computed for clipping)."""
+    def apply(self, grad_scale: float = 1.0) -> float:
+        """Unscale (and multiply the gradients by ``grad_scale``), clip (``clip_grad``), step and
+        update the scaler; returns the gradient norm (NaN when not clipped: it is only computed
+        for clipping)."""
         self.scaler.unscale_(self.optimizer)
+        if grad_scale != 1.0:  # rare: a step in which some rank had no image
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(grad_scale)
         grad_norm = float("nan")
         if self.cfg.clip_grad is not None:
             grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad))
@@ -272,4 +277,8 @@ class OptimizerStep:
                 group.update(own)
         else:
             self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        scaler = state.get("scaler") or {}
+        # a checkpoint of a run without loss scaling (bf16, fp32) has no scaler state: an fp16
+        # run resuming it starts from a fresh scale (a disabled scaler ignores any state)
+        if scaler or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(scaler)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..data import collate_skip
+from ..data import collate_skip, to_unit_float
 from ..errors import ConfigError, DataError, TokenmorphError
 from .seeding import mix_seed, seed_all
 
@@ -117,7 +117,8 @@ def collate_keyed(batch: list) -> dict:
 
 
 def batch_to_device(batch: dict, device: torch.device) -> dict:
-    """A :func:`collate_keyed` batch on ``device`` (nested dicts of extras included)."""
+    """A :func:`collate_keyed` batch on ``device`` (nested dicts of extras included); uint8
+    images (the loader sends a quarter of float32's bytes) become float in [0, 1] there."""
     nb = device.type == "cuda"
 
     def move(v):
@@ -125,7 +126,10 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
             return {k: move(x) for k, x in v.items()}
         return v.to(device, non_blocking=nb) if torch.is_tensor(v) else v
 
-    return move(batch)
+    out = move(batch)
+    if torch.is_tensor(out.get("images")):
+        out["images"] = to_unit_float(out["images"])
+    return out
 
 
 class StepBatchSampler(Sampler):
