@@ -375,12 +375,30 @@ class PretrainConfig(EngineConfig):
             min=1,
         ),
     )
+    init_from: str | None = field(
+        default=None,
+        metadata=dict(
+            resume=FIXED,
+            doc="start the student from weights: a tokenmorph checkpoint, run folder or export, "
+            "an official MAE checkpoint (encoder only, or with the decoder), a DTM release "
+            "checkpoint (dtm-release:FILE or the file), timm:NAME or local-dir:DIR; loaded "
+            "before step 0 (a resumed run's checkpoint wins)",
+        ),
+    )
+    init_strict: bool = field(
+        default=True,
+        metadata=dict(
+            resume=FIXED,
+            doc="init_from: refuse missing or unexpected keys and other shapes (false: load what "
+            "fits, report the rest)",
+        ),
+    )
     init_weights: str | None = field(
         default=None,
         metadata=dict(
             resume=FIXED,
-            doc="framework=mae: start from an official MAE checkpoint (mae_pretrain_vit_*.pth, "
-            "encoder only, or a visualize one with the decoder); loaded strictly before step 0",
+            doc="framework=mae: an official MAE checkpoint to start from (the older name of "
+            "init_from for that layout)",
         ),
     )
     zoom_ring_patches: int | None = field(

@@ -115,19 +115,25 @@ def pretrain(cfg: PretrainConfig, dist_info: DistInfo | None = None) -> dict:
         done = folder.check_data(dataset)
         if done is not None:
             return done
-        engine, describe = _build_engine(cfg, dist_info, dataset, folder.path)
+        resuming = folder.checkpoint is not None
+        engine, describe = _build_engine(cfg, dist_info, dataset, folder.path, resuming)
         return folder.run(engine, describe)
 
 
-def _build_engine(cfg: PretrainConfig, dist_info: DistInfo, dataset, run_dir) -> tuple:
-    """(engine, banner text): teacher, student and objective of ``cfg`` on ``dataset``."""
+def _build_engine(
+    cfg: PretrainConfig, dist_info: DistInfo, dataset, run_dir, resuming: bool = False
+) -> tuple:
+    """(engine, banner text): teacher, student and objective of ``cfg`` on ``dataset``;
+    ``init_from`` (or its older name ``init_weights``) is loaded unless the run resumes (its
+    checkpoint holds the weights)."""
     mean, std = dataset_stats(cfg.data)
     student, teacher = build_student_and_teacher(cfg, dist_info.device, mean, std)
     init_note = ""
-    if cfg.init_weights is not None:  # before the engine: a resumed run's checkpoint wins
-        from ..hub.mae_checkpoint import load_mae_checkpoint
+    source = cfg.init_from or cfg.init_weights
+    if source is not None and not resuming:
+        from ..hub.init_from import init_student
 
-        init_note = f", initialised from {load_mae_checkpoint(student, cfg.init_weights)}"
+        init_note = f", initialised from {init_student(student, source, cfg.init_strict)}"
     objective = PretrainObjective(teacher, student.grid, cfg, (mean, std))
     record = StudentRecord(
         cfg.framework, cfg.model, student.arch, teacher.dim, cfg.teacher, tuple(mean), tuple(std)
