@@ -19,6 +19,7 @@ import csv
 import json
 import math
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,7 +139,7 @@ class WandbSink:
         id_path = run_dir / WANDB_ID_FILE
         run_id = id_path.read_text().strip() if id_path.is_file() else ""
         if not run_id:
-            run_id = wandb.util.generate_id()
+            run_id = secrets.token_hex(4)  # W&B's own ids are 8 lowercase characters too
             id_path.write_text(run_id + "\n")
         self.wandb = wandb
         self.run = wandb.init(
