@@ -23,8 +23,10 @@ token; MAE: the decoder with its mask token), each then complete, and the predic
 source's relative position tables are converted to the student's layout (the same function,
 :func:`~tokenmorph.models.layouts.to_rel_pos_layout`) and, as fine-tuning does, position
 embeddings, bias tables and patch kernels of another grid or patch size are resampled by timm's
-checkpoint filters (bicubic). Missing keys, unexpected keys and shapes that still differ are
-named in one line and refused; ``strict=False`` loads what fits and reports the rest.
+checkpoint filters (bicubic; an MAE student's fixed sin-cos tables then hold the resampled
+source table, as MAE's fine-tuning interpolates it, not the sin-cos of the new grid). Missing
+keys, unexpected keys and shapes that still differ are named in one line and refused;
+``strict=False`` loads what fits and reports the rest.
 """
 
 from __future__ import annotations
@@ -72,8 +74,7 @@ def _encoder_source(spec: str, layout: str, model: nn.Module) -> InitSource:
     if framework is None:
         raise CheckpointError(
             f"{spec} is a timm {type(model).__name__}; a student starts from a Beit "
-            "(framework=beit)"
-            " or a VisionTransformer (framework=mae) encoder"
+            "(framework=beit) or a VisionTransformer (framework=mae) encoder"
         )
     state = {f"encoder.{k}": v for k, v in model.state_dict().items()}
     return InitSource(spec, layout, framework, state)
