@@ -129,11 +129,6 @@ def test_csv_resume_reads_as_one_run(tmp_path, capsys):
     assert [r["loss"] for r in rows] == [str(r["loss"]) for r in read_metrics(out)]
 
 
-WANDB_SCRIPT = r"""
-import sys from tokenmorph.cli import main sys.exit(main(sys.argv[1:]))
-"""
-
-
 @pytest.mark.slow
 def test_wandb_offline_run_is_written_and_resumed_under_the_same_id(tmp_path):
     """W&B in offline mode (run with a Python that has wandb, e.g. the scratch venv): the run
@@ -144,7 +139,7 @@ def test_wandb_offline_run_is_written_and_resumed_under_the_same_id(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     args = smoke_args("fashion-mnist", out, "loggers=tensorboard,wandb", "monitor_every=4",
                       "monitor_limit=50", "monitor_bank=100")  # fmt: skip
-    cmd = [sys.executable, "-c", WANDB_SCRIPT, *map(str, args)]
+    cmd = [sys.executable, "-m", "tokenmorph", *map(str, args)]
     first = subprocess.run([*cmd, "stop_after=4"], env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     run_id = (out / "wandb_id.txt").read_text().strip()
