@@ -17,10 +17,11 @@ DESCRIPTION = """\
 Overlay the training curves of one or more runs (loss, learning rate, throughput by default) from
 their metrics.jsonl files, one panel per metric against the step. A RUN may be a run folder or
 its metrics.jsonl file. Any numeric key of metrics.jsonl can be drawn (--keys), e.g. grad_norm,
-weight_decay, groups. --smooth applies TensorBoard-style exponential smoothing (the raw curve
+weight_decay, groups, knn_top1 (the k-NN monitor's, drawn by default when a run logs it).
+--smooth applies TensorBoard-style exponential smoothing (the raw curve
 stays, faint)."""
 
-DEFAULT_KEYS = "loss,lr,img_per_s"
+DEFAULT_KEYS = "loss,lr,img_per_s"  # and knn_top1 when a run logs it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="output PNG path")
     parser.add_argument(
-        "--keys", default=DEFAULT_KEYS, help=f"metric keys, one panel each (default {DEFAULT_KEYS})"
+        "--keys",
+        default=None,
+        help=f"metric keys, one panel each (default {DEFAULT_KEYS}, and knn_top1 when logged)",
     )
     parser.add_argument(
         "--smooth", type=float, default=0.0, help="EMA smoothing weight in [0, 1) (default 0: none)"
@@ -56,9 +59,14 @@ def _run_dir(path: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from ..viz import plot_runs, read_metrics
+    from ..viz.curves import default_keys
 
     dirs = [_run_dir(r) for r in args.runs]
-    keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+    records = [read_metrics(d) for d in dirs]
+    if args.keys is None:
+        keys = list(default_keys(records))
+    else:
+        keys = [k.strip() for k in args.keys.split(",") if k.strip()]
     if not keys:
         raise DataError("--keys is empty; give metric keys such as loss,lr,img_per_s")
     if not 0 <= args.smooth < 1:
@@ -74,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
             if len({d.name for d in dirs}) == len(dirs)
             else [str(d) for d in dirs]
         )
-    records = [read_metrics(d) for d in dirs]
     available = {
         k for recs in records for r in recs for k, v in r.items() if isinstance(v, (int, float))
     }

@@ -21,13 +21,21 @@ framework (framework=mae) with masking or a Beyond Masking objective
 teacher targets. A run folder is resumed
 automatically: rerun the same command after an interruption. Multi-process: torchrun
 --nproc_per_node N -m tokenmorph pretrain ... (gloo on CPU, NCCL on GPU; multi-node with
-torchrun's --nnodes/--rdzv-* flags).
+torchrun's --nnodes/--rdzv-* flags). Start from published weights with init_from=SOURCE (a
+tokenmorph checkpoint, run folder or export, an official MAE or DTM release checkpoint, timm:NAME,
+local-dir:DIR; init_strict=false loads what fits); follow representation quality with the k-NN
+monitor (monitor_every=N, monitor_data, monitor_limit, monitor_bank); log to
+loggers=tensorboard,csv,wandb. Every key: --list-keys.
 
 examples:
   tokenmorph pretrain --config smoke --data DIR --output-dir OUT --max-steps 8
   tokenmorph pretrain --config demo
   tokenmorph pretrain --config vit-b16-in1k --data /data/imagenet/train batch_size=2048 lr=3e-4
   tokenmorph pretrain --config mae-zoom-in-mask-demo
+  tokenmorph pretrain --config mae-vit-b16-in1k --data /data/imagenet/train
+  init_from=mae_pretrain_vit_base.pth tokenmorph pretrain --config smoke --data DIR
+  init_from=OUT/export.json monitor_every=4
+      \\ loggers=tensorboard,csv
   tokenmorph pretrain --config smoke framework=mae objective=zoom_in_mask teacher=pixels --data DIR
       \\ --output-dir OUT --max-steps 4"""
 

@@ -15,8 +15,9 @@ from torch import nn
 
 from ..errors import CheckpointError, ModelError
 from ..models import create_mae_student
-from ..models.layouts import mae_arch, mae_decoder_keys, mae_layout, mae_to_student
+from ..models.layouts import mae_arch, mae_layout, mae_to_student
 from ..models.weights import read_state_dict, short_keys
+from .init_from import InitSource, load_into_student
 
 __all__ = ["load_mae_checkpoint", "read_mae_checkpoint", "mae_student_from_checkpoint"]
 
@@ -38,7 +39,8 @@ def read_mae_checkpoint(path: str) -> tuple[dict, str]:
 
 
 def load_mae_checkpoint(student: nn.Module, path: str) -> str:
-    """Load an official MAE checkpoint into an :class:`~tokenmorph.models.MAEStudent` strictly.
+    """Load an official MAE checkpoint into an :class:`~tokenmorph.models.MAEStudent` strictly,
+    by ``init_from``'s loader (:func:`tokenmorph.hub.init_from.load_into_student`).
 
     The encoder-only layout must fill the whole encoder (the decoder and the mask token keep
     their fresh initialisation); the visualize layout must fill everything. Any key of the file
@@ -46,31 +48,8 @@ def load_mae_checkpoint(student: nn.Module, path: str) -> str:
     ``CheckpointError`` naming the keys. Returns a one-line description of what was loaded.
     """
     sd, layout = read_mae_checkpoint(path)
-    mapped = mae_to_student(sd)
-    own = student.state_dict()
-    fresh = set(mae_decoder_keys(own)) if layout == "encoder" else set()
-    missing = sorted(set(own) - set(mapped) - fresh)
-    unexpected = sorted(set(mapped) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path} (MAE {layout} layout) does not fit the student: missing keys "
-            f"[{short_keys(missing)}], unexpected keys [{short_keys(unexpected)}]; build the "
-            "student with the checkpoint's shape (model, img_size, patch_size, decoder)"
-        )
-    bad = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-        for k, v in mapped.items()
-        if tuple(v.shape) != tuple(own[k].shape)
-    ]
-    if bad:
-        raise CheckpointError(
-            f"{path} (MAE {layout} layout) has other shapes than the student: "
-            f"{'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} (file vs student); build the "
-            "student with the checkpoint's shape"
-        )
-    student.load_state_dict(mapped, strict=False)  # exactly the keys checked above
-    note = f"; decoder and mask token initialised fresh ({len(fresh)} tensors)" if fresh else ""
-    return f"{path} (MAE {layout} layout, {len(mapped)} tensors{note})"
+    source = InitSource(str(path), f"MAE {layout} layout", "mae", mae_to_student(sd))
+    return load_into_student(student, source, strict=True)
 
 
 def mae_student_from_checkpoint(path: str, **kwargs) -> tuple[nn.Module, str, dict]:

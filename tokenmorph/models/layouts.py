@@ -32,6 +32,8 @@ __all__ = [
     "REL_POS_INITS",
     "SHARED_TABLE",
     "per_block_tables",
+    "rel_pos_layout",
+    "to_rel_pos_layout",
     "release_relative_position_index",
     "LayoutReport",
     "DTM_RELEASE_RENAMES",
@@ -105,6 +107,46 @@ def per_block_tables(state: dict, depth: int, rule: str = "own_plus_shared") -> 
             new = table + shared
         state[_BLOCK_TABLE.format(i)] = new
     return state
+
+
+def rel_pos_layout(state: Mapping, depth: int) -> str | None:
+    """Where a timm Beit encoder state keeps its relative position bias: "shared", "per_block",
+    "both" (:data:`tokenmorph.models.arch.REL_POS`), or None (no table: not a Beit)."""
+    shared = SHARED_TABLE in state
+    own = depth > 0 and all(_BLOCK_TABLE.format(i) in state for i in range(depth))
+    if shared and own:
+        return "both"
+    return "shared" if shared else "per_block" if own else None
+
+
+def to_rel_pos_layout(state: dict, depth: int, layout: str) -> tuple[dict, bool]:
+    """A timm Beit encoder state in another relative position layout, computing the same
+    function (the bias a block adds before the softmax is its own table's plus the shared
+    table's, entry by entry, at the same index).
+
+    * to "per_block": each block's own table plus the shared one (:func:`per_block_tables`);
+    * to "both": the missing half as zeros (a "per_block" state gets a zero shared table, a
+      "shared" one zero own tables);
+    * to "shared": only from "shared" (per-block tables cannot be folded into one table).
+
+    Returns:
+        (new state, whether anything changed). A conversion that is not possible returns the
+        state unchanged: a strict load then names the keys that do not fit.
+    """
+    source = rel_pos_layout(state, depth)
+    if source is None or source == layout:
+        return dict(state), False
+    if layout == "per_block":
+        return per_block_tables(state, depth, "own_plus_shared"), True
+    if layout == "both":
+        out = dict(state)
+        if source == "per_block":
+            out[SHARED_TABLE] = torch.zeros_like(state[_BLOCK_TABLE.format(0)])
+        else:
+            for i in range(depth):
+                out[_BLOCK_TABLE.format(i)] = torch.zeros_like(state[SHARED_TABLE])
+        return out, True
+    return dict(state), False
 
 
 def release_relative_position_index(grid: tuple[int, int]) -> torch.Tensor:

@@ -35,6 +35,7 @@ from ..ops.masking import num_random_masked
 from ..ops.morph import MODES
 from ..ops.patches import PIXEL_NORMS
 from ..ops.segmentation import INFERENCE_MODES
+from ..runtime.log_sinks import LOGGERS, check_loggers
 from ..runtime.optim import LR_SCALING, LR_SCHEDULES, WEIGHT_DECAY_RULES, scaled_lr
 from ..runtime.precision import PRECISIONS
 from ..runtime.resume import FIXED, FREE
@@ -185,7 +186,16 @@ class EngineConfig:
         ),
     )
     tensorboard: bool = field(
-        default=True, metadata=dict(resume=FREE, doc="write TensorBoard logs")
+        default=True,
+        metadata=dict(resume=FREE, doc="write TensorBoard logs (false: off, whatever loggers say)"),
+    )
+    loggers: str = field(
+        default="tensorboard",
+        metadata=dict(
+            resume=FREE,
+            doc="where records go besides metrics.jsonl, comma-separated: "
+            + "; ".join(f"{k}: {v}" for k, v in LOGGERS.items()),
+        ),
     )
     grad_checkpointing: bool = field(
         default=False,
@@ -222,6 +232,7 @@ class EngineConfig:
         )  # the process count is checked at launch
         if self.max_steps is None and self.epochs <= 0:
             raise ConfigError("set epochs > 0 or max_steps")
+        check_loggers(self.loggers)
         peak = scaled_lr(self)
         if self.min_lr > peak:
             raise ConfigError(
@@ -384,12 +395,30 @@ class PretrainConfig(EngineConfig):
             min=1,
         ),
     )
+    init_from: str | None = field(
+        default=None,
+        metadata=dict(
+            resume=FIXED,
+            doc="start the student from weights: a tokenmorph checkpoint, run folder or export, "
+            "an official MAE checkpoint (encoder only, or with the decoder), a DTM release "
+            "checkpoint (dtm-release:FILE or the file), timm:NAME or local-dir:DIR; loaded "
+            "before step 0 (a resumed run's checkpoint wins)",
+        ),
+    )
+    init_strict: bool = field(
+        default=True,
+        metadata=dict(
+            resume=FIXED,
+            doc="init_from: refuse missing or unexpected keys and other shapes (false: load what "
+            "fits, report the rest)",
+        ),
+    )
     init_weights: str | None = field(
         default=None,
         metadata=dict(
             resume=FIXED,
-            doc="framework=mae: start from an official MAE checkpoint (mae_pretrain_vit_*.pth, "
-            "encoder only, or a visualize one with the decoder); loaded strictly before step 0",
+            doc="framework=mae: an official MAE checkpoint to start from (the older name of "
+            "init_from for that layout)",
         ),
     )
     zoom_ring_patches: int | None = field(
@@ -493,6 +522,37 @@ class PretrainConfig(EngineConfig):
     per_group: bool = field(
         default=False, metadata=dict(doc="one loss term per group instead of per token")
     )
+    # k-NN monitor (tokenmorph.runtime.monitor): does not change the training
+    monitor_every: int | None = field(
+        default=None,
+        metadata=dict(
+            resume=FREE,
+            doc="k-NN top-1 of the encoder every N steps (and at the start and the end) on "
+            "monitor_data (None = off)",
+            min=1,
+        ),
+    )
+    monitor_data: str = field(
+        default="fashion-mnist",
+        metadata=dict(
+            resume=FREE,
+            doc="labelled monitor set: fashion-mnist[:DIR] (bank from the train split, queries "
+            "from the test split) or TRAIN_DIR,VAL_DIR (ImageFolder trees)",
+        ),
+    )
+    monitor_limit: int = field(
+        default=2000,
+        metadata=dict(resume=FREE, doc="monitor queries (a fixed seeded subset)", min=1),
+    )
+    monitor_bank: int | None = field(
+        default=10000,
+        metadata=dict(
+            resume=FREE, doc="monitor memory-bank images (a fixed seeded subset; None = all)", min=1
+        ),
+    )
+    monitor_k: int = field(
+        default=20, metadata=dict(resume=FREE, doc="monitor neighbours (weighted vote)", min=1)
+    )
 
     def validate(self) -> PretrainConfig:
         super().validate()
@@ -528,6 +588,7 @@ class PretrainConfig(EngineConfig):
                 f"init_weights={self.init_weights} loads an official MAE checkpoint: it needs "
                 "framework=mae"
             )
+        self._check_monitor()
         if self.objective == "zoom_out":
             content = self.zoom_out_content or default_zoom_out_content(self.img_size)
             if not self.img_size / 2 < content < self.img_size:
@@ -538,6 +599,28 @@ class PretrainConfig(EngineConfig):
                 )
         self._check_masking(n, masked_objective)
         return self
+
+    def monitor_eval_data(self):
+        """The monitor's labelled data as :class:`~tokenmorph.data.labelled.EvalData`."""
+        from ..data.labelled import EvalData
+
+        name, _, _ = self.monitor_data.partition(":")
+        if name.strip().lower() == "fashion-mnist":
+            data = dict(dataset=self.monitor_data)
+        else:
+            train, val = self.monitor_data.split(",")
+            data = dict(train=train.strip(), val=val.strip())
+        return EvalData(
+            **data, limit_train=self.monitor_bank, limit_val=self.monitor_limit, seed=self.seed
+        )
+
+    def _check_monitor(self) -> None:
+        name = self.monitor_data.partition(":")[0].strip().lower()
+        if name != "fashion-mnist" and self.monitor_data.count(",") != 1:
+            raise ConfigError(
+                f"monitor_data={self.monitor_data!r}: give fashion-mnist[:DIR] or "
+                "TRAIN_DIR,VAL_DIR (two ImageFolder trees)"
+            )
 
     def _check_masking(self, n: int, masked_objective: bool) -> None:
         """Masks that leave nothing to learn, or that the block sampler cannot draw."""

@@ -9,6 +9,7 @@ from ..models import DECODER_PRESETS, StudentRecord, create_mae_student, create_
 from ..models.teachers import build_teacher
 from ..runtime.distributed import DistInfo, init_distributed
 from ..runtime.engine import Engine
+from ..runtime.precision import autocast_dtype
 from ..runtime.resume import FIXED, keys_of_kind
 from ..runtime.run_folder import RunFolder
 from ..runtime.sampling import KeyedDataset, check_batch_layout
@@ -109,19 +110,25 @@ def pretrain(cfg: PretrainConfig, dist_info: DistInfo | None = None) -> dict:
         done = folder.check_data(dataset)
         if done is not None:
             return done
-        engine, describe = _build_engine(cfg, dist_info, dataset, folder.path)
+        resuming = folder.checkpoint is not None
+        engine, describe = _build_engine(cfg, dist_info, dataset, folder.path, resuming)
         return folder.run(engine, describe)
 
 
-def _build_engine(cfg: PretrainConfig, dist_info: DistInfo, dataset, run_dir) -> tuple:
-    """(engine, banner text): teacher, student and objective of ``cfg`` on ``dataset``."""
+def _build_engine(
+    cfg: PretrainConfig, dist_info: DistInfo, dataset, run_dir, resuming: bool = False
+) -> tuple:
+    """(engine, banner text): teacher, student and objective of ``cfg`` on ``dataset``;
+    ``init_from`` (or its older name ``init_weights``) is loaded unless the run resumes (its
+    checkpoint holds the weights)."""
     mean, std = dataset_stats(cfg.data)
     student, teacher = build_student_and_teacher(cfg, dist_info.device, mean, std)
     init_note = ""
-    if cfg.init_weights is not None:  # before the engine: a resumed run's checkpoint wins
-        from ..hub.mae_checkpoint import load_mae_checkpoint
+    source = cfg.init_from or cfg.init_weights
+    if source is not None and not resuming:
+        from ..hub.init_from import init_student
 
-        init_note = f", initialised from {load_mae_checkpoint(student, cfg.init_weights)}"
+        init_note = f", initialised from {init_student(student, source, cfg.init_strict)}"
     objective = PretrainObjective(teacher, student.grid, cfg, (mean, std))
     record = StudentRecord(
         cfg.framework, cfg.model, student.arch, teacher.dim, cfg.teacher, tuple(mean), tuple(std)
@@ -130,6 +137,7 @@ def _build_engine(cfg: PretrainConfig, dist_info: DistInfo, dataset, run_dir) ->
         "target_dim": teacher.dim,
         "loss": resolve_loss(cfg),
     }
+    monitor, monitor_note = _build_monitor(cfg, dist_info)
     engine = Engine(
         cfg,
         student,
@@ -141,6 +149,8 @@ def _build_engine(cfg: PretrainConfig, dist_info: DistInfo, dataset, run_dir) ->
         compat=compat,
         extra_state=record.checkpoint_entries(),
         unused=objective.unused_parameters(),
+        monitor=monitor,
+        monitor_every=cfg.monitor_every,
     )
     n_params = sum(p.numel() for p in student.parameters())
     what = f"{cfg.framework} framework, objective {cfg.objective}, {resolve_loss(cfg)} loss"
@@ -150,6 +160,28 @@ def _build_engine(cfg: PretrainConfig, dist_info: DistInfo, dataset, run_dir) ->
         f"{student.grid[1]}), teacher {cfg.teacher} ({teacher.dim}-d), {len(dataset)} images, "
         f"{engine.total_steps} steps of {cfg.batch_size}, lr {engine.lr:.3g}, "
         f"{dist_info.world_size} process(es) "
-        f"on {dist_info.device}, output {engine.run_dir}{init_note}"
+        f"on {dist_info.device}, output {engine.run_dir}{init_note}{monitor_note}"
     )
     return engine, describe
+
+
+def _build_monitor(cfg: PretrainConfig, dist_info: DistInfo) -> tuple:
+    """(the k-NN monitor or None, its banner text). Every process builds its data (cheap), so a
+    bad monitor_data fails on all of them at once; only the main process runs it."""
+    if cfg.monitor_every is None:
+        return None, ""
+    from ..errors import DataError
+    from ..runtime.monitor import KnnMonitor
+
+    try:
+        monitor = KnnMonitor(
+            cfg.monitor_eval_data(),
+            cfg.img_size,
+            dist_info.device,
+            k=cfg.monitor_k,
+            # bf16 on CUDA only: on a CPU it is no faster for ViT features (as eval knn)
+            amp_dtype=autocast_dtype(cfg.precision) if dist_info.device.type == "cuda" else None,
+        )
+    except DataError as e:
+        raise DataError(f"monitor_data={cfg.monitor_data}: {e}") from None
+    return monitor, f", k-NN monitor every {cfg.monitor_every} steps ({monitor.describe()})"

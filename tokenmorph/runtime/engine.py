@@ -102,6 +102,11 @@ class Engine:
             mask token of an objective that does not mask): they are marked as not trained,
             so DDP leaves them out of its gradient all-reduce (every other parameter must get a
             gradient at every step: DDP needs no per-step search for unused ones).
+        monitor: ``monitor(model) -> dict`` of numbers (e.g. :class:`~.monitor.KnnMonitor`),
+            run on the main process at the start of a fresh run, every ``monitor_every`` steps
+            and at the last step, while the other processes wait at a barrier; it must leave
+            the model and the random generators as they were, so the training is the same with
+            it or without it.
     """
 
     def __init__(
@@ -117,11 +122,15 @@ class Engine:
         param_groups: list | None = None,
         extra_state: dict | None = None,
         unused: tuple[str, ...] = (),
+        monitor: Callable[[nn.Module], dict] | None = None,
+        monitor_every: int | None = None,
     ) -> None:
         self.cfg, self.dist, self.kind, self.compat = cfg, dist_info, kind, compat
         self.run_dir = Path(run_dir)
         self.model, self.step_fn, self.dataset = model, step_fn, dataset
         self.extra_state = dict(extra_state or {})
+        self.monitor, self.monitor_every = monitor, monitor_every
+        self.monitor_seconds, self.last_monitor = 0.0, None
         self.sampler = StepBatchSampler(
             len(dataset),
             cfg.batch_size,
@@ -149,6 +158,8 @@ class Engine:
             cfg.log_every,
             cfg.tensorboard,
             desc=f"{kind} {self.run_dir.name}",
+            loggers=getattr(cfg, "loggers", "tensorboard"),
+            run_config=cfg.to_dict(),
         )
         warning = bf16_warning(cfg.precision, dist_info.device)
         if warning:
@@ -373,10 +384,16 @@ class Engine:
         last_loss = None
         self.log.open(start_step)
         try:
+            if start_step == 0 and end_step > 0:  # the curve's first point: the initial encoder
+                self._run_monitor()
             while self.step < end_step:
                 r = self._guarded_step(micro_batches, last_good)
                 self._account(r, window=min(EMPTY_STEPS_LIMIT, self.total_steps - start_step))
                 last_loss = r.loss if math.isfinite(r.loss) else last_loss
+                if self.monitor_every and (
+                    self.step % self.monitor_every == 0 or self.step == self.total_steps
+                ):  # before the checkpoint: a resume from it does not repeat this point
+                    self._run_monitor()
                 if self.step % cfg.save_every == 0 and self.step < end_step:
                     last_good = self.save() or last_good
                 if r.stop:
@@ -388,6 +405,17 @@ class Engine:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
         return self._summary(start_step, last_loss, final)
+
+    def _run_monitor(self) -> None:
+        """The monitor on the main process (logged), the others waiting at a barrier."""
+        if self.monitor is None:
+            return
+        if self.dist.is_main:
+            values = self.monitor(self.model)
+            self.monitor_seconds += values.get("knn_seconds", 0.0)
+            self.last_monitor = values
+            self.log.monitor(self.step, values)
+        barrier(self.dist)
 
     def _guarded_step(self, micro_batches, last_good: Path | None) -> StepResult:
         """:meth:`train_step`, with a collective that failed because another process died turned
@@ -470,6 +498,11 @@ class Engine:
             "img_per_s": (self.step - start_step) * self.cfg.batch_size / max(elapsed, 1e-9),
             "checkpoint": str(final) if final else None,
             "world_size": self.dist.world_size,
+            **(
+                {"monitor": self.last_monitor, "monitor_seconds": self.monitor_seconds}
+                if self.last_monitor is not None
+                else {}
+            ),
         }
 
     def _install_signal_handlers(self) -> dict:

@@ -1,7 +1,9 @@
 """What a run reports while it trains: ``metrics.jsonl`` (one JSON object every ``log_every``
-steps), TensorBoard scalars, and progress: a bar with loss, lr, img/s and ETA on a terminal, a
-plain line every ``log_every`` steps elsewhere (a batch job's log file). Only the main process
-writes. No NaN or infinity is ever written as JSON: they become null (:func:`json_safe`)."""
+steps, and one per k-NN monitor point), the ``loggers`` (TensorBoard scalars, ``metrics.csv``,
+Weights & Biases: :mod:`.log_sinks`), and progress: a bar with loss, lr, img/s and ETA on a
+terminal, a plain line every ``log_every`` steps elsewhere (a batch job's log file). Only the
+main process writes. No NaN or infinity is ever written as JSON: they become null
+(:func:`json_safe`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import math
 import time
 from pathlib import Path
 
+from .log_sinks import open_sinks
 from .progress import format_seconds, is_terminal
 
 __all__ = ["RunLogger", "json_safe", "dump_json", "truncate_metrics"]
@@ -66,6 +69,8 @@ class RunLogger:
         log_every: int,
         tensorboard: bool,
         desc: str,
+        loggers: str = "tensorboard",
+        run_config: dict | None = None,
     ) -> None:
         self.run_dir, self.is_main = Path(run_dir), is_main
         self.total_steps, self.steps_per_epoch, self.log_every = (
@@ -74,8 +79,14 @@ class RunLogger:
             log_every,
         )
         self.tensorboard, self.desc = tensorboard, desc
+        self.loggers = [n.strip() for n in loggers.split(",") if n.strip()]
+        if not tensorboard:  # the older switch still turns TensorBoard off
+            self.loggers = [n for n in self.loggers if n != "tensorboard"]
+        self.run_config = run_config or {}
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.writer = self.bar = None
+        self.sinks: list = []
+        self.bar = None
+        self.last_monitor: dict | None = None
 
     def message(self, text: str) -> None:
         """One ``[tokenmorph]`` line on stdout (main process only)."""
@@ -86,8 +97,11 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             truncate_metrics(self.metrics_path, start_step)
-        if self.is_main and self.tensorboard:
-            self._open_tensorboard(start_step)
+        if self.is_main:
+            name = self.run_config.get("name", self.run_dir.name)
+            self.sinks = open_sinks(
+                self.loggers, self.run_dir, start_step, self.run_config, name, self.message
+            )
         if self.is_main and is_terminal():
             from tqdm.auto import tqdm
 
@@ -102,19 +116,6 @@ class RunLogger:
         self.t_start = self.t_window = time.perf_counter()
         self._reset_window()
         return self
-
-    def _open_tensorboard(self, start_step: int) -> None:
-        """A writer that hides the events a crash left past the checkpoint. The point of step
-        ``start_step`` itself was logged before the checkpoint and is not logged again (the run
-        goes on at start_step + 1), so the purge starts after it."""
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            self.message(
-                "tensorboard is not installed: no TensorBoard logs (pip install tensorboard)"
-            )
-            return
-        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
 
     def _reset_window(self) -> None:
         self.n_images, self.loss_sum, self.loss_count, self.logs = 0, 0.0, 0, {}
@@ -164,15 +165,30 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(1)
 
+    def monitor(self, step: int, values: dict) -> None:
+        """A k-NN monitor point: a metrics.jsonl record of its own (``step``, ``epoch`` and the
+        monitor's numbers), the loggers under ``monitor/``, and one line with its cost."""
+        self.last_monitor = values
+        record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4), **values}
+        self._write(record, "monitor")
+        self.message(
+            f"k-NN monitor at step {step}: top-1 {100 * values['knn_top1']:.2f}% top-5 "
+            f"{100 * values['knn_top5']:.2f}% ({values['knn_seconds']:.1f} s)"
+        )
+
     def _show(self, record: dict, now: float) -> None:
         """The record on the bar, or as a plain line when there is no terminal."""
         loss = "n/a" if self.loss_count == 0 else f"{record['loss']:.4f}"
+        knn = {}
+        if self.last_monitor is not None:
+            knn = {"knn": f"{100 * self.last_monitor['knn_top1']:.1f}%"}
         if self.bar is not None:
             self.bar.set_postfix(
                 loss=loss,
                 lr=f"{record['lr']:.2e}",
                 img_s=f"{record['img_per_s']:.0f}",
                 skipped=record.get("skipped_images", 0),
+                **knn,
                 refresh=False,
             )
             return
@@ -182,19 +198,19 @@ class RunLogger:
         self.message(
             f"step {step}/{total} ({100 * step // max(total, 1)}%) loss {loss} lr "
             f"{record['lr']:.2e} {record['img_per_s']:.1f} img/s skipped "
-            f"{record.get('skipped_images', 0)} elapsed {format_seconds(now - self.t_start)} "
-            f"ETA {format_seconds(eta)}"
+            f"{record.get('skipped_images', 0)} "
+            + (f"knn top-1 {knn['knn']} " if knn else "")
+            + f"elapsed {format_seconds(now - self.t_start)} ETA {format_seconds(eta)}"
         )
 
-    def _write(self, record: dict) -> None:
+    def _write(self, record: dict, group: str = "train") -> None:
+        """One record to metrics.jsonl, then to every logger (scalars named ``group/key``)."""
         if not self.is_main:
             return
         with open(self.metrics_path, "a") as f:
             f.write(dump_json(record) + "\n")
-        if self.writer is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.writer.add_scalar(f"train/{k}", v, record["step"])
+        for sink in self.sinks:
+            sink.write(json_safe(record), group)
 
     @property
     def elapsed(self) -> float:
@@ -203,5 +219,6 @@ class RunLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []

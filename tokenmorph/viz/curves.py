@@ -10,7 +10,10 @@ import numpy as np
 
 from ._mpl import pyplot, save_figure
 
-__all__ = ["read_metrics", "smooth_ema", "plot_runs"]
+__all__ = ["DEFAULT_KEYS", "MONITOR_KEY", "read_metrics", "smooth_ema", "default_keys", "plot_runs"]
+
+DEFAULT_KEYS = ("loss", "lr", "img_per_s")
+MONITOR_KEY = "knn_top1"  # the k-NN monitor's curve, drawn by default when a run logs it
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -41,10 +44,16 @@ def smooth_ema(values: Sequence[float], weight: float) -> np.ndarray:
     return out
 
 
+def default_keys(runs_records: Sequence[list[dict]]) -> tuple[str, ...]:
+    """:data:`DEFAULT_KEYS`, and the k-NN monitor's top-1 when one of the runs logs it."""
+    logged = any(r.get(MONITOR_KEY) is not None for records in runs_records for r in records)
+    return DEFAULT_KEYS + ((MONITOR_KEY,) if logged else ())
+
+
 def plot_runs(
     run_dirs: Sequence[str | Path],
     out: str | Path,
-    keys: Sequence[str] = ("loss", "lr", "img_per_s"),
+    keys: Sequence[str] | None = None,
     *,
     smooth: float = 0.0,
     labels: Sequence[str] | None = None,
@@ -52,10 +61,12 @@ def plot_runs(
     """Training curves of one or more runs overlaid, one panel per metric key, against the step.
 
     ``smooth``: EMA weight in [0, 1) (see :func:`smooth_ema`); the raw curve stays, faint, behind
-    the smoothed one. ``labels``: legend names (default: the run folders' names)."""
+    the smoothed one. ``labels``: legend names (default: the run folders' names). ``keys``:
+    default :func:`default_keys` (the k-NN monitor's curve included when logged)."""
     plt = pyplot()
     names = list(labels) if labels is not None else [Path(d).name for d in run_dirs]
     runs = [(name, read_metrics(d)) for name, d in zip(names, run_dirs)]
+    keys = tuple(keys) if keys is not None else default_keys([r for _, r in runs])
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for name, records in runs:
