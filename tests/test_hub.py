@@ -260,3 +260,27 @@ def test_push_and_hf_hub_offline_fail_in_one_line(beit_run, tmp_path):
     )
     assert proc.returncode == 2 and "hf-hub:me/none" in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_finetune_and_segment_build_the_same_model_from_an_export_folder(beit_run, tmp_path):
+    """Fine-tuning's and segmentation's models from the export folder (as a path and as
+    local-dir:) equal those from the run folder, weight for weight (a new head aside)."""
+    from tokenmorph.recipes.config import FinetuneConfig
+    from tokenmorph.recipes.finetune import build_model, load_pretrained_student
+    from tokenmorph.recipes.segment import segmentation_backbone
+
+    folder = export_hub(beit_run, tmp_path / "hub")
+    cfg = FinetuneConfig(model="tiny", patch_size=4)
+    torch.manual_seed(0)
+    ref, _, ref_report = build_model(cfg, 3, *load_pretrained_student(str(beit_run)))
+    seg_ref, _ = segmentation_backbone(str(beit_run), 64, model_size="tiny", patch_size=4)
+    for spec in (str(folder), f"local-dir:{folder}"):
+        torch.manual_seed(0)
+        model, _, report = build_model(cfg, 3, *load_pretrained_student(spec))
+        assert report["new"] == ref_report["new"]  # the new head (and fc_norm of avg pooling)
+        a, b = ref.state_dict(), model.state_dict()
+        new = {k.split(".")[0] for k in report["new"]}
+        assert all(torch.equal(a[k], b[k]) for k in a if k.split(".")[0] not in new), spec
+        seg, info = segmentation_backbone(spec, 64, model_size="tiny", patch_size=4)
+        a, b = seg_ref.state_dict(), seg.state_dict()
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a), spec
