@@ -26,12 +26,12 @@ Examples:
 
 A run folder is resumed automatically. --checkpoint takes a pre-training run folder or
 checkpoint, dtm-release:FILE (a checkpoint of the official DTM release), an export folder (or its
-.safetensors/.json), local-dir:DIR, hf-hub:NAME or timm:NAME (a timm Beit or plain ViT). The pre-trained final norm is not used with mean pooling (BEiT's protocol:
-a new fc_norm normalises the pooled feature); each block's relative position table starts from
-its own pre-trained table plus the shared one (rel_pos_init=own_plus_shared, the release's
-documented launch; shared_only, own_only, as_pretrained); the command prints every key it drops
-or adds. A checkpoint of the MAE framework gives a timm ViT (learnable position embedding;
-rel_pos_init is ignored)."""
+.safetensors/.json), local-dir:DIR, hf-hub:NAME or timm:NAME (a timm Beit or plain ViT). The
+pre-trained final norm is not used with mean pooling (BEiT's protocol: a new fc_norm normalises
+the pooled feature); each block's relative position table starts from its own pre-trained table
+plus the shared one (rel_pos_init=own_plus_shared, the release's documented launch; shared_only,
+own_only, as_pretrained); the command prints every key it drops or adds. A checkpoint of the MAE
+framework gives a timm ViT (learnable position embedding; rel_pos_init is ignored)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
