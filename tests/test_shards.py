@@ -132,3 +132,45 @@ def test_bench_data_reports_every_source(capsys):
     rows = {(r["source"], r["workers"]): r["images_per_s"] for r in result["results"]}
     assert set(rows) == {(s, w) for s in ("jpeg_folder", "tar_shards", "memory") for w in (0, 1)}
     assert all(v > 0 for v in rows.values()) and result["machine"]["cpus"] >= 1
+
+
+def test_evaluation_reads_shards_as_it_reads_the_folders(
+    class_tree, smoke_eval_run, tmp_path, capsys
+):
+    """k-NN on the shards of the train and val trees (one shard folder, two splits, as
+    --dataset; and as --train/--val) gives the result of the trees themselves."""
+    shards = tmp_path / "shards"
+    for split, folder in (("train", "train"), ("validation", "val")):
+        args = (
+            "data",
+            "shards",
+            class_tree / folder,
+            shards,
+            "--split",
+            split,
+            "--shard-size",
+            "5",
+        )
+        assert run_main(capsys, *args)[0] == 0
+    common = ("eval", "knn", "--checkpoint", smoke_eval_run, "--num-workers", "0")
+    results = []
+    for data in (
+        ("--train", class_tree / "train", "--val", class_tree / "val"),
+        ("--dataset", shards),
+        ("--train", shards, "--val", shards),
+    ):
+        status, out, err = run_main(capsys, *common, *data)
+        assert status == 0, err
+        result = json.loads(out.strip().splitlines()[-1])
+        results.append({k: result[k] for k in ("top1", "top5", "num_train", "num_val", "per_k")})
+    assert results[0] == results[1] == results[2] and results[0]["num_val"] == 12
+
+
+@pytest.fixture(scope="module")
+def smoke_eval_run(tmp_path_factory):
+    """A pre-training checkpoint of the smoke geometry to evaluate (no training needed)."""
+    from .test_export import SMOKE_ARCH, write_checkpoint
+
+    run = tmp_path_factory.mktemp("eval") / "run"
+    write_checkpoint(run / "checkpoints" / "step_00000003.pt", **SMOKE_ARCH)
+    return run

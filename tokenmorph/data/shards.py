@@ -57,12 +57,6 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def _readable(path: Path) -> None:
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> int:
     """Append one member; returns the offset of its data in the tar file."""
     info = tarfile.TarInfo(name)
@@ -106,9 +100,7 @@ def write_shards(
             with open(index.with_suffix(".tmp"), "wb") as f:
                 np.save(f, np.array(rows, dtype=np.int64).reshape(-1, 4))
             os.replace(final.with_suffix(".tmp"), final)
-            os.replace(index.with_suffix(".tmp"), index)
-            for p in (final, index):
-                _readable(p)
+            os.replace(index.with_suffix(".tmp"), index)  # both opened by open(): umask modes
             sizes.append(final.stat().st_size)
             tar, rows = None, []
 

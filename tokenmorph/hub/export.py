@@ -66,6 +66,7 @@ from ..models.arch import (
 )
 from ..models.layouts import per_block_tables
 from ..runtime.run_logger import dump_json
+from .formats import EXPORT_FORMAT, HUB_CONFIG, export_recipe_path, is_export, is_hub_export
 
 __all__ = [
     "GLOBAL_POOLS",
@@ -87,7 +88,6 @@ __all__ = [
     "arch_of_timm_model",
 ]
 
-EXPORT_FORMAT = "tokenmorph-timm-export-v1"
 GLOBAL_POOLS = ("avg", "token", "")
 
 
@@ -210,7 +210,7 @@ def _encoder_of(ckpt_or_run_dir, global_pool: str) -> _Encoder:
     import timm
 
     from .. import __version__
-    from .backbone import load_pretrain_checkpoint
+    from .pretrained import load_pretrain_checkpoint
 
     ckpt, path, record = load_pretrain_checkpoint(ckpt_or_run_dir, "export")
     # The encoder's weights are the checkpoint's "encoder." entries (an MAE decoder is left out):
@@ -315,7 +315,7 @@ def export_encoder(
 
 
 # ------------------------------------------------------------------------ timm's hub format
-HUB_CONFIG, HUB_WEIGHTS, HUB_CARD = "config.json", "model.safetensors", "README.md"
+HUB_CARD = "README.md"
 
 
 def hub_architecture(arch: dict) -> str:
@@ -443,9 +443,13 @@ def export_hub(
         (tmp / HUB_CARD).write_text(_model_card(name, enc.meta))
         for p in (tmp, *tmp.iterdir()):
             _readable(p)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        old = None
+        if out_dir.exists():  # the export replaced (--force): moved aside, removed once replaced
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            out_dir.rename(old / "export")
         tmp.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -501,32 +505,6 @@ class ExportedEncoder:
     source: str
 
 
-def _export_json(spec) -> Path | None:
-    """The recipe of an export given as its ``.json`` or its ``.safetensors`` (the recipe next to
-    it), or None when ``spec`` is not an export."""
-    path = Path(spec)
-    json_path = path.with_suffix(".json") if path.suffix == ".safetensors" else path
-    if json_path.suffix != ".json" or not json_path.is_file():
-        return None
-    try:
-        spec = json.loads(json_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return json_path if isinstance(spec, dict) and spec.get("format") == EXPORT_FORMAT else None
-
-
-def is_hub_export(spec) -> bool:
-    """Whether ``spec`` is a folder in timm's hub format (a ``config.json`` and weights)."""
-    path = Path(spec)
-    return path.is_dir() and (path / HUB_CONFIG).is_file()
-
-
-def is_export(spec) -> bool:
-    """Whether ``spec`` names a ``tokenmorph export``: a hub folder, or the .json or
-    .safetensors of the older format."""
-    return is_hub_export(spec) or _export_json(spec) is not None
-
-
 def export_weights(json_path: Path, recipe: dict) -> Path:
     """The weights of an older-format export: the recorded path, or the file of that name next to
     the recipe when the pair was moved (recipes written before the path was absolute hold a bare
@@ -545,7 +523,7 @@ def load_export(spec) -> ExportedEncoder:
 
     if is_hub_export(spec):
         return load_timm_source(f"local-dir:{spec}")
-    json_path = _export_json(spec)
+    json_path = export_recipe_path(spec)
     if json_path is None:
         raise CheckpointError(
             f"{spec} is not a tokenmorph export (a folder with {HUB_CONFIG}, or a .json recipe "
