@@ -164,6 +164,21 @@ def test_evaluation_reads_shards_as_it_reads_the_folders(
         result = json.loads(out.strip().splitlines()[-1])
         results.append({k: result[k] for k in ("top1", "top5", "num_train", "num_val", "per_k")})
     assert results[0] == results[1] == results[2] and results[0]["num_val"] == 12
+    # fine-tuning's data: the shard folder's two splits, labelled
+    from tokenmorph.recipes.config import FinetuneConfig
+    from tokenmorph.recipes.finetune import build_datasets
+
+    train, val, classes = build_datasets(
+        FinetuneConfig(data=str(shards)), 32, (0.5,) * 3, (0.5,) * 3
+    )
+    assert (len(train), len(val), classes) == (24, 12, ["astronaut", "coffee", "rocket"])
+    unlabelled = tmp_path / "unlabelled"
+    assert (
+        run_main(capsys, "data", "shards", class_tree / "train", unlabelled, "--labels", "none")[0]
+        == 0
+    )
+    with pytest.raises(DataError, match="unlabelled samples"):
+        build_datasets(FinetuneConfig(data=str(unlabelled)), 32, (0.5,) * 3, (0.5,) * 3)
 
 
 @pytest.fixture(scope="module")

@@ -164,8 +164,10 @@ class TarShards(Dataset):
 
     ``ds[i]`` -> ``(PIL.Image "RGB", label)`` or ``(transform(image), label)``; for a sample that
     does not decode (or has no image member), ``None`` (``on_error="skip"``: dropped and counted
-    by ``collate_skip``) or ``DataError`` (``on_error="raise"``). Attributes: ``root``,
-    ``split``, ``shards`` (paths), ``targets`` (list of int, -1 without labels), ``classes``.
+    by ``collate_skip``) or ``DataError`` (``on_error="raise"``). ``labels="folders"`` (what
+    classification asks of a folder) refuses a split with unlabelled samples. Attributes:
+    ``root``, ``split``, ``shards`` (paths), ``targets`` (list of int, -1 without labels),
+    ``classes``.
     """
 
     def __init__(
@@ -174,6 +176,7 @@ class TarShards(Dataset):
         split: str = "train",
         transform: Callable | None = None,
         on_error: str = "skip",
+        labels: str = "auto",
     ):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error={on_error!r}: use 'skip' or 'raise'")
@@ -206,6 +209,11 @@ class TarShards(Dataset):
         self._shard, self._offset, self._size = table[:, 0], table[:, 1], table[:, 2]
         self._member = table[:, 3]  # the sample's place in its shard
         self.targets = table[:, 4].tolist()
+        if labels == "folders" and min(self.targets, default=0) < 0:
+            raise DataError(
+                f"{self.root}: split {split!r} has unlabelled samples, and labels are needed "
+                "here; write the shards from an ImageFolder tree or Fashion-MNIST"
+            )
         if len(self.targets) != entry.get("num_samples", len(self.targets)):
             raise DataError(
                 f"{self.root}: the shards hold {len(self.targets)} samples of split {split!r}, "

@@ -67,7 +67,8 @@ def build_dataset(
     if kind == "fashion-mnist":
         return FashionMNIST(path, train=train, transform=transform, download=download)
     if kind == "shards":
-        return TarShards(path, _shard_split(path, train), transform=transform, on_error=on_error)
+        split = _shard_split(path, train)
+        return TarShards(path, split, transform=transform, on_error=on_error, labels=labels)
     if not path.exists():
         raise DataError(
             f"data source {source!r} is neither 'fashion-mnist[:DIR]' nor an existing folder; "

@@ -178,10 +178,13 @@ def build_datasets(cfg, img_size: int, mean, std, exclude=()):
     """(train, val, class names) with timm's training transform (RandAugment, random erasing) and
     eval transform, grey images as 3 channels; ``exclude``: folders left out of the scans (the
     run folder)."""
+    from pathlib import Path
+
     import torchvision.transforms as T
     from timm.data import create_transform
 
     from ..data import DataError, ToRGB, build_dataset, default_crop_pct
+    from ..data.shards import is_shard_folder
 
     _use_compatible_posterize()  # before the ops are built: each op keeps its function
     crop = cfg.crop_pct if cfg.crop_pct is not None else default_crop_pct(img_size)
@@ -221,8 +224,8 @@ def build_datasets(cfg, img_size: int, mean, std, exclude=()):
         val = build_dataset(
             cfg.val_data, train=False, transform=eval_tf, labels="folders", exclude=exclude
         )
-    elif cfg.data.startswith("fashion-mnist"):
-        val = build_dataset(cfg.data, train=False, transform=eval_tf)
+    elif cfg.data.startswith("fashion-mnist") or is_shard_folder(Path(cfg.data).expanduser()):
+        val = build_dataset(cfg.data, train=False, transform=eval_tf, labels="folders")
     else:
         raise DataError(
             f"no validation data for {cfg.data}: pass --val-data DIR (an ImageFolder tree)"
