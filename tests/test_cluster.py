@@ -45,6 +45,25 @@ def slurm_env(rank: int, ntasks: int, **extra) -> dict:
     return env
 
 
+def srun_two(cmd: list, timeout: int) -> list[str]:
+    """``cmd`` as srun starts it on two tasks of one node (a free port for the rendezvous); the
+    two stdouts, after both succeeded."""
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env=slurm_env(r, 2, MASTER_PORT=port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    return [o[0] for o in outs]
+
+
 @pytest.mark.parametrize(
     "nodes, host",
     [
@@ -97,20 +116,8 @@ os.environ.get("MASTER_ADDR"), flush=True) shutdown_distributed()
 def test_two_srun_style_processes_join_one_group():
     """Two processes with SLURM's variables only: ranks 0 and 1 of 2, one all-reduce across
     them (gloo), the rendezvous address taken from the node list."""
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", JOIN],
-            env=slurm_env(r, 2, MASTER_PORT=port),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    lines = sorted(o[0].split() for o in outs)
+    outs = srun_two([sys.executable, "-c", JOIN], timeout=120)
+    lines = sorted(o.split() for o in outs)
     assert lines == [["0", "2", "0", "3.0", "localhost"], ["1", "2", "1", "3.0", "localhost"]]
 
 
@@ -131,19 +138,7 @@ def test_srun_style_pretraining_trains_the_same_weights_as_torchrun(photo_dir, t
     slurm, torchrun = tmp_path / "slurm", tmp_path / "torchrun"
     common = ["pretrain", "--config", "smoke", "--data", str(photo_dir), "--max-steps", "4"]
     common += ["drop_path=0", "precision=fp32"]
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tokenmorph", *common, "--output-dir", str(slurm)],
-            env=slurm_env(r, 2, MASTER_PORT=port),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    srun_two([sys.executable, "-m", "tokenmorph", *common, "--output-dir", str(slurm)], 600)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     proc = subprocess.run(

@@ -24,7 +24,7 @@ from tokenmorph.models.arch import STUDENT_SIZES
 from tokenmorph.runtime.checkpoints import find_checkpoints, load_checkpoint
 
 from .helpers import run_main
-from .test_export import SMOKE_ARCH, photos, write_checkpoint
+from .test_export import SMOKE_ARCH, photos, recorded_loads, write_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -284,3 +284,33 @@ def test_finetune_and_segment_build_the_same_model_from_an_export_folder(beit_ru
         seg, info = segmentation_backbone(spec, 64, model_size="tiny", patch_size=4)
         a, b = seg_ref.state_dict(), seg.state_dict()
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a), spec
+
+
+@pytest.mark.parametrize("size", list(STUDENT_SIZES))
+def test_every_size_exports_and_loads_strictly_with_the_same_features(size, tmp_path):
+    """One block of each size's width (the depth changes no rule), at patch 16: local-dir alone,
+    one strict load, the checkpoint's features."""
+    import timm
+
+    ckpt, student = write_checkpoint(
+        tmp_path / "run" / "checkpoints" / "step_00000003.pt",
+        size=size,
+        depth=1,
+        img_size=32,
+        patch_size=16,
+    )
+    folder = export_hub(tmp_path / "run", tmp_path / "hub")
+    with recorded_loads() as calls:
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert [(strict, r.missing_keys, r.unexpected_keys) for strict, r in calls] == [(True, [], [])]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == hub_architecture(student.arch)
+    assert config["tokenmorph"]["student_size"] == size
+    assert model.embed_dim == STUDENT_SIZES[size][0] and len(model.blocks) == 1
+    x = photos(32)
+    mean, std = (
+        torch.tensor(config["pretrained_cfg"][k]).view(1, 3, 1, 1) for k in ("mean", "std")
+    )
+    with torch.no_grad():
+        ours = student.forward_features(x)
+        assert (model.forward_features((x - mean) / std) - ours).abs().max().item() < 1e-4

@@ -13,7 +13,7 @@ from .common import (
     run_training,
 )
 
-HELP = "pre-training of a ViT: DTM, MAE, Beyond Masking (one CPU, or many GPUs through torchrun)"
+HELP = "pre-training of a ViT: DTM, MAE, Beyond Masking (one CPU, or many GPUs: torchrun or srun)"
 DESCRIPTION = """\
 Pre-train a student ViT: Dynamic Token Morphing in the BEiT framework (default), or the MAE
 framework (framework=mae) with masking or a Beyond Masking objective
@@ -21,7 +21,9 @@ framework (framework=mae) with masking or a Beyond Masking objective
 teacher targets. A run folder is resumed
 automatically: rerun the same command after an interruption. Multi-process: torchrun
 --nproc_per_node N -m tokenmorph pretrain ... (gloo on CPU, NCCL on GPU; multi-node with
-torchrun's --nnodes/--rdzv-* flags).
+torchrun's --nnodes/--rdzv-* flags), or on SLURM srun alone, one task per GPU (its SLURM_*
+variables are read; docs/cluster.md). --data also takes a folder of WebDataset shards
+(tokenmorph data shards).
 
 examples:
   tokenmorph pretrain --config smoke --data DIR --output-dir OUT --max-steps 8

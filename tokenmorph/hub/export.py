@@ -174,13 +174,18 @@ def _check_output(out_path: Path, force: bool) -> None:
             raise ConfigError(f"{p} is a folder; give the path of a .safetensors file to write")
         if p.exists() and not force:
             raise ConfigError(f"{p} exists; pass --force to overwrite it, or another path")
+    _check_writable(out_path)
+
+
+def _check_writable(path: Path) -> None:
+    """``ConfigError`` when ``path``'s folder cannot be created or written."""
     try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
             pass
     except OSError as e:
         raise ConfigError(
-            f"cannot write {out_path} ({e.strerror or e}); give a path in a folder you can write to"
+            f"cannot write {path} ({e.strerror or e}); give a path in a folder you can write to"
         ) from None
 
 
@@ -356,14 +361,7 @@ def _check_folder(out_dir: Path, force: bool) -> None:
             )
         if not force:
             raise ConfigError(f"{out_dir} holds an export; pass --force to replace it")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir.parent):
-            pass
-    except OSError as e:
-        raise ConfigError(
-            f"cannot write {out_dir} ({e.strerror or e}); give a path in a folder you can write to"
-        ) from None
+    _check_writable(out_dir)
 
 
 def _model_card(name: str, meta: dict) -> str:
