@@ -105,18 +105,24 @@ def test_launch_env_maps_slurm_onto_torch_and_set_values_win():
     assert launch_env({}) == {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
 
 
-JOIN = """
-import torch, torch.distributed as dist from tokenmorph.runtime.distributed import all_reduce,
-init_distributed, shutdown_distributed info = init_distributed("cpu") import os total =
-all_reduce(info, float(info.rank + 1)) print(info.rank, info.world_size, info.local_rank, total,
-os.environ.get("MASTER_ADDR"), flush=True) shutdown_distributed()
-"""
+JOIN = "\n".join(  # a script for python -c: every rank prints its place and the sum
+    [
+        "import os",
+        "from tokenmorph.runtime.distributed import all_reduce, init_distributed,"
+        " shutdown_distributed",
+        'info = init_distributed("cpu")',
+        "total = all_reduce(info, float(info.rank + 1))",
+        "print(info.rank, info.world_size, info.local_rank, total,"
+        ' os.environ.get("MASTER_ADDR"), flush=True)',
+        "shutdown_distributed()",
+    ]
+)
 
 
 def test_two_srun_style_processes_join_one_group():
     """Two processes with SLURM's variables only: ranks 0 and 1 of 2, one all-reduce across
     them (gloo), the rendezvous address taken from the node list."""
-    outs = srun_two([sys.executable, "-c", JOIN], timeout=120)
+    outs = srun_two([sys.executable, "-c", JOIN], timeout=300)
     lines = sorted(o.split() for o in outs)
     assert lines == [["0", "2", "0", "3.0", "localhost"], ["1", "2", "1", "3.0", "localhost"]]
 
@@ -125,7 +131,7 @@ def test_batch_script_without_srun_runs_one_process_and_says_so():
     env = slurm_env(0, 16)
     del env["SLURM_STEP_ID"]  # the batch shell: SLURM_PROCID=0 and SLURM_NTASKS=16, no step
     proc = subprocess.run(
-        [sys.executable, "-c", JOIN], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", JOIN], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[:4] == ["0", "1", "0", "1.0"] and "srun" in proc.stderr

@@ -18,7 +18,9 @@ flip, RandomResizedCrop, ToTensor; per-sample seeding; skip-and-count collate) o
 once per run, not per batch).
 
 examples:
-  tokenmorph bench data --json tokenmorph bench data --images 1024 --crops 224 --workers 0,4,8"""
+  tokenmorph bench data --json                                     # the defaults
+  tokenmorph bench data --images 1024 --crops 224 --workers 0,4,8  # a bigger machine
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,11 +18,11 @@ last. Fashion-MNIST gives two splits, train and validation (its test split); a f
 --split (run again with another --split to add one).
 
 Then use OUT wherever a data folder goes (tokenmorph pretrain --data OUT, finetune, compare; eval
-knn/linear --dataset OUT for its train and validation splits): it is read with random access
-(indexed once from the tar headers), so the data order, the per-sample seeding, skip-and-count of
-undecodable images and exact resume are those of a folder. The layout and _info.json are those
-timm's wds/ reader parses (timm.data.create_dataset("wds/NAME", root=OUT, ...), which needs the
-webdataset package).
+knn/linear --dataset OUT for its train and validation splits): it is read with random access (a
+small index written next to each shard gives every sample's offset), so the data order, the
+per-sample seeding, skip-and-count of undecodable images and exact resume are those of a folder.
+The layout and _info.json are those timm's wds/ reader parses
+(timm.data.create_dataset("wds/NAME", root=OUT, ...), which needs the webdataset package).
 
 examples:
   tokenmorph data shards fashion-mnist shards/fmnist --shard-size 5000
