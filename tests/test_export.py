@@ -86,7 +86,7 @@ def load_with_timm(json_path, **extra):
     import timm
 
     spec = json.loads(Path(json_path).read_text())
-    weights = Path(json_path).with_name(spec["weights"])
+    weights = Path(spec["weights"])  # absolute: the recipe works from any folder
     with recorded_loads() as calls:
         model = timm.create_model(
             spec["timm_model"],

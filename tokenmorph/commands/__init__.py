@@ -20,13 +20,16 @@ COMMANDS = [
     ("viz", "morph", "viz_morph"),
     ("viz", "reconstruct", "viz_reconstruct"),
     (None, "plot", "plot"),
+    ("data", "shards", "data_shards"),
     ("bench", "morph", "bench_morph"),
     ("bench", "pretrain", "bench_pretrain"),
     ("bench", "segment", "bench_segment"),
+    ("bench", "data", "bench_data"),
 ]
 GROUPS = {
     "eval": "evaluation protocols on frozen features",
     "analyze": "analyses of teachers' targets",
     "viz": "pictures",
+    "data": "data sets at scale (WebDataset shards)",
     "bench": "benchmarks that print numbers (JSON with --json)",
 }

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from ..errors import ConfigError
 
 __all__ = [
+    "BACKBONE_HELP",
     "add_run_arguments",
     "config_from_args",
     "add_teacher_arguments",
@@ -32,6 +33,13 @@ __all__ = [
     "format_loss",
     "RUN_FLAGS",
 ]
+
+# what every --checkpoint that takes a backbone accepts (tokenmorph.hub.backbone.resolve_encoder)
+BACKBONE_HELP = (
+    "the backbone: a run folder (its newest checkpoint), a pretrain checkpoint file, "
+    "dtm-release:FILE (the official DTM release's), an export folder (tokenmorph export; or its "
+    "older .safetensors/.json), local-dir:DIR (a timm hub folder), hf-hub:NAME or timm:NAME"
+)
 
 # The flags of add_run_arguments that set config keys of the same name.
 RUN_FLAGS = ("output_dir", "max_steps", "save_every", "device", "apply_changes")
@@ -204,8 +212,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint",
         required=True,
         metavar="CKPT",
-        help="a pretrain checkpoint file, a run folder (its newest checkpoint), "
-        "dtm-release:FILE (a checkpoint of the official DTM release), or timm:NAME",
+        help=BACKBONE_HELP,
     )
     g.add_argument(
         "--random-init", action="store_true", help="timm:NAME with random weights (no download)"

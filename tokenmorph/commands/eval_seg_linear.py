@@ -7,7 +7,7 @@ import argparse
 import time
 
 from ..eval import PROTOCOLS
-from .common import add_running_arguments, positive
+from .common import BACKBONE_HELP, add_running_arguments, positive
 
 HELP = PROTOCOLS["seg-linear"]
 DESCRIPTION = """\
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint",
         required=True,
         metavar="CKPT",
-        help="a pretrain checkpoint or run folder, an export .json/.safetensors, or timm:NAME",
+        help=BACKBONE_HELP,
     )
     g.add_argument(
         "--random-init", action="store_true", help="timm:NAME with random weights (no download)"

@@ -1,26 +1,33 @@
-"""``tokenmorph export``: a pre-training checkpoint's student encoder as timm weights and a JSON
-recipe."""
+"""``tokenmorph export``: a pre-training checkpoint's student encoder in timm's hub format (or as
+one safetensors file with a JSON recipe), optionally pushed to the Hugging Face Hub."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-HELP = "export a student encoder as a timm-loadable safetensors file"
+HELP = "export a student encoder in timm's hub format (config.json + model.safetensors)"
 DESCRIPTION = """\
 Export the student encoder of a pre-training checkpoint (a file, or a run folder: its newest
-checkpoint) as a timm-compatible state dict in OUT.safetensors, and OUT.json with the timm model
-name and keyword arguments that rebuild it. Load it in timm, strictly (no missing or unexpected
-keys):
+checkpoint) for timm.
 
-  spec = json.load(open("OUT.json"))
-  model = timm.create_model(spec["timm_model"], pretrained=True,
-                            pretrained_cfg_overlay=dict(file="OUT.safetensors"), **spec["kwargs"])
+OUT a folder (the default format, timm's own hub format): config.json, model.safetensors and a
+README.md model card, written by timm's save_for_hf. timm loads it strictly with no other
+argument, also without tokenmorph installed:
 
-model.forward_features(x) gives the same tokens as tokenmorph's encoder for x normalised with the
-checkpoint's mean/std (in OUT.json, and in model.pretrained_cfg for
-timm.data.resolve_data_config). Add num_classes=K (and e.g. drop_path_rate=0.1) to the kwargs to
-fine-tune: timm adds a new head.
+  model = timm.create_model("local-dir:OUT", pretrained=True)
+
+--push-to-hub REPO then uploads the folder to the Hugging Face Hub (huggingface_hub, a network
+and a token needed), after which timm.create_model("hf-hub:REPO", pretrained=True) loads it.
+
+OUT.safetensors (the older format): the weights, and OUT.json with the timm model name and
+keyword arguments that rebuild the encoder (the printed one-line call loads it).
+
+Either way model.forward_features(x) gives the same tokens as tokenmorph's encoder for x
+normalised with the checkpoint's mean/std (in model.pretrained_cfg, for
+timm.data.resolve_data_config). Add num_classes=K to create_model to fine-tune: timm adds a new
+head and loads everything else. Every command that takes a backbone (--checkpoint) accepts the
+export, as OUT, local-dir:OUT or hf-hub:REPO.
 """
 
 
@@ -32,7 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(a checkpoint of the official DTM release)",
     )
     parser.add_argument(
-        "out", metavar="OUT.safetensors", help="weights file to write; the recipe goes to OUT.json"
+        "out",
+        metavar="OUT",
+        help="folder to write in timm's hub format, or OUT.safetensors for the older "
+        "weights + OUT.json recipe",
     )
     parser.add_argument(
         "--global-pool",
@@ -43,26 +53,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "token, none (or '') = model(x) returns the tokens; forward_features and the weights "
         "are the same",
     )
+    parser.add_argument("--force", action="store_true", help="replace an existing export at OUT")
     parser.add_argument(
-        "--force", action="store_true", help="overwrite OUT.safetensors and OUT.json if they exist"
+        "--push-to-hub",
+        metavar="REPO",
+        help="then upload the hub folder to this Hugging Face Hub repository (created if "
+        "missing; needs huggingface_hub, a network and a token)",
+    )
+    parser.add_argument(
+        "--private", action="store_true", help="with --push-to-hub: create the repository private"
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Write the files, print a one-line summary and the one-line timm call."""
-    from ..hub.export import export_encoder, timm_call
+    """Write the files, print a one-line summary and the one-line timm call (then push)."""
+    from ..errors import ConfigError
+    from ..hub.export import (
+        HUB_CONFIG,
+        export_encoder,
+        export_hub,
+        push_to_hub,
+        timm_call,
+    )
 
     pool = "" if args.global_pool == "none" else args.global_pool
-    weights, json_path = export_encoder(
-        args.checkpoint, args.out, global_pool=pool, force=args.force
-    )
-    spec = json.loads(json_path.read_text())
+    if str(args.out).endswith(".safetensors"):
+        if args.push_to_hub:
+            raise ConfigError(
+                "--push-to-hub uploads timm's hub format: give a folder as OUT, not a .safetensors"
+            )
+        weights, json_path = export_encoder(
+            args.checkpoint, args.out, global_pool=pool, force=args.force
+        )
+        spec = json.loads(json_path.read_text())
+        where, call = f"{weights} and {json_path}", timm_call(spec, weights, json_path)
+    else:
+        folder = export_hub(args.checkpoint, args.out, global_pool=pool, force=args.force)
+        spec = json.loads((folder / HUB_CONFIG).read_text())["tokenmorph"]
+        where = str(folder)
+        call = f"timm.create_model({'local-dir:' + str(folder.resolve())!r}, pretrained=True)"
     print(
         f"exported the {spec['student_size']} {spec['framework']} encoder "
         f"({spec['num_params'] / 1e6:.1f} M "
         f"params, {spec['depth']} blocks, {spec['img_size']} px, patch {spec['patch_size']}, "
         f"global_pool={pool!r}) "
-        f"of {spec['source_checkpoint']} (step {spec['step']}) to {weights} and {json_path}"
+        f"of {spec['source_checkpoint']} (step {spec['step']}) to {where}"
     )
-    print(timm_call(spec, weights, json_path))
+    print(call)
+    if args.push_to_hub:
+        repo = push_to_hub(args.out, args.push_to_hub, private=args.private)
+        print(
+            f"pushed to https://huggingface.co/{repo}: timm.create_model('hf-hub:{repo}', "
+            "pretrained=True)"
+        )
     return 0

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import argparse
 
-from .common import RUN_FLAGS, add_run_arguments, config_from_args, report_training, run_training
+from .common import (
+    BACKBONE_HELP,
+    RUN_FLAGS,
+    add_run_arguments,
+    config_from_args,
+    report_training,
+    run_training,
+)
 
 HELP = "fine-tune a pre-trained backbone (the paper's protocol)"
 DESCRIPTION = """Fine-tune a tokenmorph pre-trained encoder (or train from scratch) for
@@ -17,21 +24,21 @@ Examples:
       /data/imagenet/train \\ --val-data /data/imagenet/val
   torchrun --nproc_per_node 8 -m tokenmorph finetune --config vit-b16-in1k ...
 
-A run folder is resumed automatically. --checkpoint dtm-release:FILE takes a checkpoint of the
-official DTM release. The pre-trained final norm is not used with mean pooling (BEiT's protocol:
-a new fc_norm normalises the pooled feature); each block's relative position table starts from
-its own pre-trained table plus the shared one (rel_pos_init=own_plus_shared, the release's
-documented launch; shared_only, own_only, as_pretrained); the command prints every key it drops
-or adds. A checkpoint of the MAE framework gives a timm ViT (learnable position embedding;
-rel_pos_init is ignored)."""
+A run folder is resumed automatically. --checkpoint takes a pre-training run folder or
+checkpoint, dtm-release:FILE (a checkpoint of the official DTM release), an export folder (or its
+.safetensors/.json), local-dir:DIR, hf-hub:NAME or timm:NAME (a timm Beit or plain ViT). The
+pre-trained final norm is not used with mean pooling (BEiT's protocol: a new fc_norm normalises
+the pooled feature); each block's relative position table starts from its own pre-trained table
+plus the shared one (rel_pos_init=own_plus_shared, the release's documented launch; shared_only,
+own_only, as_pretrained); the command prints every key it drops or adds. A checkpoint of the MAE
+framework gives a timm ViT (learnable position embedding; rel_pos_init is ignored)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, "finetune")
     parser.add_argument(
         "--checkpoint",
-        help="pre-trained checkpoint file or run folder (its newest checkpoint), or "
-        "dtm-release:FILE",
+        help=BACKBONE_HELP,
     )
     parser.add_argument("--data", help="training data: an ImageFolder tree, or fashion-mnist")
     parser.add_argument(

@@ -13,7 +13,7 @@ from .common import (
     run_training,
 )
 
-HELP = "pre-training of a ViT: DTM, MAE, Beyond Masking (one CPU, or many GPUs through torchrun)"
+HELP = "pre-training of a ViT: DTM, MAE, Beyond Masking (one CPU, or many GPUs: torchrun or srun)"
 DESCRIPTION = """\
 Pre-train a student ViT: Dynamic Token Morphing in the BEiT framework (default), or the MAE
 framework (framework=mae) with masking or a Beyond Masking objective
@@ -21,7 +21,9 @@ framework (framework=mae) with masking or a Beyond Masking objective
 teacher targets. A run folder is resumed
 automatically: rerun the same command after an interruption. Multi-process: torchrun
 --nproc_per_node N -m tokenmorph pretrain ... (gloo on CPU, NCCL on GPU; multi-node with
-torchrun's --nnodes/--rdzv-* flags). Start from published weights with init_from=SOURCE (a
+torchrun's --nnodes/--rdzv-* flags), or on SLURM srun alone, one task per GPU (its SLURM_*
+variables are read; docs/cluster.md). --data also takes a folder of WebDataset shards
+(tokenmorph data shards). Start from published weights with init_from=SOURCE (a
 tokenmorph checkpoint, run folder or export, an official MAE or DTM release checkpoint, timm:NAME,
 local-dir:DIR; init_strict=false loads what fits); follow representation quality with the k-NN
 monitor (monitor_every=N, monitor_data, monitor_limit, monitor_bank); log to

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..runtime.run_logger import dump_json
-from .common import add_run_arguments, config_from_args, run_training
+from .common import BACKBONE_HELP, add_run_arguments, config_from_args, run_training
 
 HELP = "semantic-segmentation fine-tuning (UperNet, the ADE20K protocol)"
 DESCRIPTION = """Fine-tune a pre-trained encoder for semantic segmentation: BEiT's UperNet (four
@@ -14,11 +14,12 @@ blocks -> multi-scale neck -> pyramid pooling + FPN, auxiliary FCN head), mmseg'
 pipeline, layer-wise lr decay, poly schedule; then mIoU / mAcc / aAcc on the validation set
 (sliding window) with the per-class table in the run folder (per_class.md).
 
-Backbones (--checkpoint): a tokenmorph pre-training checkpoint or run folder (either
-framework), an export (OUT.json / OUT.safetensors of tokenmorph export), or timm:NAME (any timm
-ViT; random_init=true for no download). Data (--data): the ADE20K release folder
-(ADEChallengeData2016 or its parent), a folder with images/ and masks/ (class-index PNGs, 255 =
-ignore, optional classes.txt; --val-data another one), or fashion-mnist-seg (the CPU proxy).
+Backbones (--checkpoint): a tokenmorph pre-training checkpoint or run folder (either framework),
+an export (the folder, or OUT.json / OUT.safetensors, of tokenmorph export), local-dir:DIR,
+hf-hub:NAME or timm:NAME (any timm ViT; random_init=true for no download). Data (--data): the
+ADE20K release folder (ADEChallengeData2016 or its parent), a folder with images/ and masks/
+(class-index PNGs, 255 = ignore, optional classes.txt; --val-data another one), or
+fashion-mnist-seg (the CPU proxy).
 
 examples:
   tokenmorph segment --config fashion-mnist-seg-tiny --checkpoint outputs/demo
@@ -32,8 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, "segment")
     parser.add_argument(
         "--checkpoint",
-        help="backbone: a pretrain checkpoint or run folder, an export .json/.safetensors, or "
-        "timm:NAME",
+        help=BACKBONE_HELP,
     )
     parser.add_argument(
         "--data",

@@ -5,6 +5,8 @@ start and a resume (files added, removed, renamed or rewritten).
   order), and a hash of the sizes and first 64 KiB of :data:`SAMPLED_FILES` files spread evenly
   over the data set (reading every file of a large set on each resume would take minutes);
 * Fashion-MNIST: the image count, the split, and a hash of every image and label;
+* WebDataset shards: the sample count, a hash of the shard names and sizes, and a hash of the
+  index (every sample's offset, size and label);
 * any other data set: its class name and length.
 
 Hashes are the first 16 hex digits of SHA-256.
@@ -18,6 +20,7 @@ from torch.utils.data import Dataset
 
 from .fashion_mnist import FashionMNIST
 from .folders import ImageFiles
+from .shards import TarShards
 
 __all__ = ["SAMPLED_FILES", "data_fingerprint", "describe_fingerprint"]
 
@@ -52,6 +55,20 @@ def _fashion_mnist_fingerprint(ds: FashionMNIST) -> dict:
     return {"kind": f"fashion-mnist {split}", "count": len(ds), "sample": _digest(h)}
 
 
+def _shards_fingerprint(ds: TarShards) -> dict:
+    names = hashlib.sha256()
+    for path in ds.shards:
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            size = f"unreadable:{e.errno}"
+        names.update(f"{path.name}:{size}\n".encode())
+    index = hashlib.sha256(ds._offset.tobytes() + ds._size.tobytes())
+    index.update(repr(ds.targets).encode())
+    kind = f"shards {ds.split}"
+    return {"kind": kind, "count": len(ds), "names": _digest(names), "sample": _digest(index)}
+
+
 def data_fingerprint(dataset: Dataset) -> dict:
     """A JSON-ready fingerprint of ``dataset`` (see the module docstring); equal fingerprints
     mean the same data, as far as these checks see."""
@@ -59,6 +76,8 @@ def data_fingerprint(dataset: Dataset) -> dict:
         return _folder_fingerprint(dataset)
     if isinstance(dataset, FashionMNIST):
         return _fashion_mnist_fingerprint(dataset)
+    if isinstance(dataset, TarShards):
+        return _shards_fingerprint(dataset)
     return {"kind": type(dataset).__name__, "count": len(dataset)}
 
 

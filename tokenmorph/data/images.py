@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -24,6 +25,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "SAMPLE_PHOTOS",
     "open_rgb",
+    "decode_rgb",
     "to_rgb",
     "to_square_tensor",
     "sample_photo",
@@ -93,6 +95,30 @@ def _upright(im: Image.Image) -> Image.Image:
     return im
 
 
+def _decode(source, what) -> Image.Image:
+    """Fully decode ``source`` (a path or a binary file object) to 8-bit upright RGB;
+    ``DataError`` naming ``what`` for anything that does not decode."""
+    try:
+        with warnings.catch_warnings():  # PIL only warns below twice its bound: refused below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(source)
+        with im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(
+                    f"{im.width}x{im.height} = {im.width * im.height} pixels is over the limit of "
+                    f"{MAX_IMAGE_PIXELS}"
+                )
+            im.load()  # decode now, so truncated files fail here and not inside a transform
+            return to_rgb(_upright(im))
+    except (
+        Exception
+    ) as e:  # PIL's decoders raise many types (OSError, SyntaxError, ValueError, struct.error...)
+        raise DataError(
+            f"cannot decode image {what}: {type(e).__name__}: {e}; "
+            f"fix or delete the file, or use on_error='skip'"
+        ) from e
+
+
 def open_rgb(path: PathLike) -> Image.Image:
     """Open, fully decode and convert an image file to 8-bit RGB.
 
@@ -106,24 +132,18 @@ def open_rgb(path: PathLike) -> Image.Image:
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise OSError(f"{path} is not a regular file (a FIFO, socket, device or folder)")
-        with warnings.catch_warnings():  # PIL only warns below twice its bound: refused below
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
-        with im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise Image.DecompressionBombError(
-                    f"{im.width}x{im.height} = {im.width * im.height} pixels is over the limit of "
-                    f"{MAX_IMAGE_PIXELS}"
-                )
-            im.load()  # decode now, so truncated files fail here and not inside a transform
-            return to_rgb(_upright(im))
-    except (
-        Exception
-    ) as e:  # PIL's decoders raise many types (OSError, SyntaxError, ValueError, struct.error...)
+    except OSError as e:
         raise DataError(
             f"cannot decode image {path}: {type(e).__name__}: {e}; "
             f"fix or delete the file, or use on_error='skip'"
         ) from e
+    return _decode(path, path)
+
+
+def decode_rgb(data: bytes, what: str) -> Image.Image:
+    """:func:`open_rgb` for the bytes of an image file (a member of a tar shard); ``what`` names
+    it in the ``DataError``."""
+    return _decode(io.BytesIO(data), what)
 
 
 def to_square_tensor(image: np.ndarray, size: int = 224) -> torch.Tensor:

@@ -16,6 +16,8 @@ from .collate import seeded_subset
 from .fashion_mnist import FashionMNIST
 from .folders import IMAGE_EXTENSIONS, ImageFiles
 from .images import open_rgb
+from .shards import TarShards, is_shard_folder
+from .sources import build_dataset
 from .transforms import default_crop_pct, eval_transform
 
 __all__ = ["EvalData", "build_eval_datasets"]
@@ -44,6 +46,13 @@ def _short_side(dataset: Dataset, tries: int = 100) -> int:
     its files that decodes (undecodable ones are skipped, as the extraction skips them)."""
     if isinstance(dataset, FashionMNIST):
         return min(dataset.data.shape[1:])
+    if isinstance(dataset, TarShards):  # no transform yet: items are PIL images (None: skipped)
+        items = (dataset[i] for i in range(min(tries, len(dataset))))
+        sides = (min(item[0].size) for item in items if item is not None)
+        side = next(sides, None)
+        if side is None:
+            raise DataError(f"none of the first {tries} samples of {dataset.root} decodes")
+        return side
     for path in dataset.files[:tries]:
         try:
             return min(open_rgb(path).size)
@@ -73,33 +82,51 @@ def _check_labelled_tree(flag: str, root: Path) -> None:
         )
 
 
+def _labelled(flag: str, root: str, train: bool):
+    """The labelled data set of ``--train``/``--val``/``--dataset`` ``root``: a shard folder's
+    split (``train``, or its evaluation split), or an ImageFolder tree."""
+    path = Path(root).expanduser()
+    if is_shard_folder(path):
+        ds = build_dataset(str(path), train=train)
+        if min(ds.targets, default=-1) < 0:
+            raise DataError(
+                f"{flag} {root}: its {ds.split} split has unlabelled samples; evaluation needs "
+                "shards written from an ImageFolder tree or Fashion-MNIST"
+            )
+        return ds
+    _check_labelled_tree(flag, path)
+    return ImageFiles(path, labels="folders")
+
+
 def build_eval_datasets(args: EvalData, img_size: int) -> tuple[Dataset, Dataset, int]:
     """``(train_ds, val_ds, num_classes)`` of :class:`EvalData`, items ``(image (3, img_size,
     img_size) in [0, 1], label)`` through ``tokenmorph.data.eval_transform``.
 
-    ``--dataset fashion-mnist[:DIR]``: train and test splits of ``FashionMNIST``. ``--train DIR
-    --val DIR``: ImageFolder trees (labels from the class sub-folders). ``--crop-pct`` defaults
-    to 0.875, or 1.0 when the images are tiny (short side <= ``TINY_IMAGE_SIDE``). Raises
-    ``DataError`` for missing or conflicting flags, folders without class sub-folders, fewer than
-    2 classes, or train/val class lists that differ.
+    ``--dataset fashion-mnist[:DIR]``: train and test splits of ``FashionMNIST``; ``--dataset
+    SHARDS``: a shard folder's train and evaluation splits. ``--train DIR --val DIR``:
+    ImageFolder trees (labels from the class sub-folders) or shard folders (the train split of
+    ``--train``, the evaluation split of ``--val``). ``--crop-pct`` defaults to 0.875, or 1.0
+    when the images are tiny (short side <= ``TINY_IMAGE_SIDE``). Raises ``DataError`` for
+    missing or conflicting flags, folders without class sub-folders, fewer than 2 classes, or
+    train/val class lists that differ.
     """
     if args.dataset and (args.train or args.val):
         raise DataError("give either --dataset or --train DIR --val DIR, not both")
-    if args.dataset:
+    if args.dataset and is_shard_folder(Path(args.dataset).expanduser()):
+        train_ds, val_ds = (_labelled("--dataset", args.dataset, t) for t in (True, False))
+    elif args.dataset:
         name, _, folder = args.dataset.partition(":")
         if name.strip().lower() != "fashion-mnist":
             raise DataError(
-                f"--dataset {args.dataset!r}: only fashion-mnist[:DIR] is built in; for other data "
-                "pass "
-                f"--train DIR --val DIR (ImageFolder trees)"
+                f"--dataset {args.dataset!r}: only fashion-mnist[:DIR] and shard folders "
+                "(tokenmorph "
+                "data shards) are data sets; for other data pass --train DIR --val DIR "
+                "(ImageFolder trees)"
             )
         train_ds, val_ds = (FashionMNIST(folder or None, train=split) for split in (True, False))
     elif args.train and args.val:
-        for flag, root in (("--train", args.train), ("--val", args.val)):
-            _check_labelled_tree(flag, Path(root).expanduser())
-        train_ds, val_ds = (
-            ImageFiles(Path(root).expanduser(), labels="folders") for root in (args.train, args.val)
-        )
+        train_ds = _labelled("--train", args.train, True)
+        val_ds = _labelled("--val", args.val, False)
         if train_ds.classes != val_ds.classes:
             only_train = sorted(set(train_ds.classes) - set(val_ds.classes))
             only_val = sorted(set(val_ds.classes) - set(train_ds.classes))

@@ -1,8 +1,9 @@
-"""Data sets by name or path (``fashion-mnist[:DIR]`` or a folder of images) and their
-normalisation."""
+"""Data sets by name or path (``fashion-mnist[:DIR]``, a folder of images, or a folder of
+WebDataset shards) and their normalisation."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from .fashion_mnist import FashionMNIST, _fashion_mnist_in
 from .folders import ImageFiles
+from .shards import SHARD_INFO, TarShards, is_shard_folder
 
 __all__ = ["DATASET_STATS", "build_dataset", "data_folder", "dataset_stats"]
 
@@ -37,6 +39,8 @@ def _parse_source(source: str) -> tuple[str, Path | None]:
     path = Path(source).expanduser()
     if path.is_dir() and _fashion_mnist_in(path) is not None:
         return "fashion-mnist", path
+    if is_shard_folder(path):
+        return "shards", path
     return "images", path
 
 
@@ -54,18 +58,31 @@ def build_dataset(
     ``"fashion-mnist"`` or ``"fashion-mnist:DIR"`` (or a folder holding the idx files) ->
     ``FashionMNIST`` (``train`` picks the split, ``download`` allows torchvision's download); any
     other string is a folder of images -> ``ImageFiles`` (``train`` is ignored: a folder has no
-    split; ``exclude`` names folders left out of its scan, e.g. a run folder inside it). Raises
-    ``DataError`` for a missing path or a folder without images.
+    split; ``exclude`` names folders left out of its scan, e.g. a run folder inside it). A folder
+    of WebDataset shards (``tokenmorph data shards``: its ``_info.json``) -> ``TarShards`` of its
+    ``train`` split (``train=False``: ``validation``, ``val`` or ``test``, the first it has).
+    Raises ``DataError`` for a missing path or a folder without images.
     """
     kind, path = _parse_source(source)
     if kind == "fashion-mnist":
         return FashionMNIST(path, train=train, transform=transform, download=download)
+    if kind == "shards":
+        split = _shard_split(path, train)
+        return TarShards(path, split, transform=transform, on_error=on_error, labels=labels)
     if not path.exists():
         raise DataError(
             f"data source {source!r} is neither 'fashion-mnist[:DIR]' nor an existing folder; "
             f"pass one of those"
         )
     return ImageFiles(path, transform=transform, on_error=on_error, labels=labels, exclude=exclude)
+
+
+def _shard_split(path: Path, train: bool) -> str:
+    """The split of a shard folder a run reads: ``train``, or the first evaluation split."""
+    if train:
+        return "train"
+    splits = json.loads((path / SHARD_INFO).read_text()).get("splits", {})
+    return next((s for s in ("validation", "val", "test") if s in splits), "validation")
 
 
 def data_folder(source: str) -> Path | None:

@@ -1,28 +1,35 @@
-"""Frozen image encoders for evaluation: a tokenmorph checkpoint's student encoder, or any timm
-model.
+"""Backbones: the one place that turns what a user names into an encoder, for every command
+that takes one (evaluation, fine-tuning, segmentation).
 
-``load_backbone(spec)`` accepts a checkpoint file, a run folder (its newest checkpoint),
-``dtm-release:FILE`` (a checkpoint of the official DTM release) or ``timm:NAME``; the result
-turns [0, 1] images into pooled features or tokens.
+:func:`resolve_encoder` accepts (:data:`BACKBONE_FORMS`): a run folder (its newest readable
+checkpoint), a pre-training checkpoint file, ``dtm-release:FILE`` (a checkpoint of the official
+DTM release), an export (a hub folder of ``tokenmorph export``, or the older
+``.safetensors``/``.json`` pair), ``local-dir:DIR`` (any timm hub folder), ``hf-hub:NAME`` (a
+timm model on the Hugging Face Hub) and ``timm:NAME`` (timm's registry, with its pretrained
+weights). :func:`load_backbone` wraps the result for frozen-feature evaluation: [0, 1] images to
+pooled features or tokens.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from ..errors import CheckpointError, ModelError
-from ..models import StudentRecord, student_from_checkpoint
-from ..runtime.checkpoints import latest_checkpoint, load_checkpoint, newest_readable_checkpoint
-from .release_weights import DTM_RELEASE_PREFIX, dtm_release_checkpoint
+from ..models import student_from_checkpoint
+from .formats import TIMM_PREFIXES
+from .pretrained import BACKBONE_FORMS, load_pretrain_checkpoint
 
-__all__ = ["Backbone", "load_backbone", "load_pretrain_checkpoint"]
+__all__ = [
+    "BACKBONE_FORMS",
+    "Backbone",
+    "load_backbone",
+    "load_pretrain_checkpoint",
+    "resolve_encoder",
+]
+
 
 POOLS = ("cls", "mean")
 
@@ -70,37 +77,29 @@ class Backbone:
         return t[:, self.num_prefix_tokens :].mean(dim=1)
 
 
-def _warn(text: str) -> None:
-    print(f"[tokenmorph] {text}", file=sys.stderr, flush=True)
+def resolve_encoder(spec: str, purpose: str, random_init: bool = False, **timm_kwargs):
+    """(encoder, source) of any of :data:`BACKBONE_FORMS`.
 
+    ``encoder`` has ``arch`` (the tokenmorph architecture dict; None for a timm model that is
+    not a Beit or a plain ViT), ``encoder`` (the timm module), ``mean`` and ``std`` (of [0, 1]
+    inputs): the student itself for a pre-training checkpoint, an
+    :class:`~.export.ExportedEncoder` otherwise. ``source`` is the checkpoint path or the spec.
 
-def load_pretrain_checkpoint(spec, purpose: str) -> tuple[dict, Path, StudentRecord]:
-    """(checkpoint, path, record) of a pre-training checkpoint file or run folder (its newest
-    readable checkpoint; newer unreadable ones are named on stderr), or of ``dtm-release:FILE``,
-    a checkpoint of the official DTM release (:func:`~.release_weights.dtm_release_checkpoint`);
-    one-line errors for a missing path, another kind of checkpoint, or one without a student
-    record."""
-    if str(spec).startswith(DTM_RELEASE_PREFIX):
-        path = Path(str(spec)[len(DTM_RELEASE_PREFIX) :])
-        ckpt, _ = dtm_release_checkpoint(path)
-        return ckpt, path, StudentRecord.from_checkpoint(ckpt, str(path))
-    spec = Path(spec)
-    if spec.is_dir():  # a run folder: its newest checkpoint that reads (unreadable ones named)
-        path, ckpt = newest_readable_checkpoint(spec, _warn)
-    else:
-        path = latest_checkpoint(spec)
-        ckpt = load_checkpoint(path) if path is not None else None
-    if path is None:
-        raise CheckpointError(
-            f"no checkpoint found at {spec}: give a checkpoint file or a run folder with readable "
-            "checkpoints in checkpoints/"
-        )
-    if ckpt.get("kind") != "pretrain":
-        raise CheckpointError(
-            f"{path} is a {ckpt.get('kind')!r} checkpoint; {purpose} needs a pre-training "
-            f"checkpoint (tokenmorph pretrain)"
-        )
-    return ckpt, path, StudentRecord.from_checkpoint(ckpt, str(path))
+    ``random_init`` (``timm:``/``hf-hub:``/``local-dir:`` only): the architecture without its
+    weights. ``timm_kwargs`` go to ``timm.create_model`` for those three (e.g. ``img_size``,
+    ``drop_path_rate``). Errors are one line (``CheckpointError``, ``ModelError``).
+    """
+    from .export import is_export, load_export, load_timm_source
+
+    spec = str(spec)
+    if spec.startswith(TIMM_PREFIXES):
+        enc = load_timm_source(spec, pretrained=not random_init, **timm_kwargs)
+        return enc, spec
+    if is_export(spec):
+        enc = load_export(spec)
+        return enc, enc.source
+    ckpt, path, record = load_pretrain_checkpoint(spec, purpose)
+    return student_from_checkpoint(ckpt, record, str(path)), path
 
 
 def load_backbone(
@@ -109,44 +108,24 @@ def load_backbone(
     """A frozen evaluation encoder.
 
     Args:
-        spec: a tokenmorph checkpoint file, a run folder (newest checkpoint),
-            ``dtm-release:FILE`` or ``timm:NAME``.
+        spec: any of :data:`BACKBONE_FORMS` (:func:`resolve_encoder`).
         device: where to put it.
-        random_init: for ``timm:NAME``, random weights instead of the hub's pretrained ones.
-        img_size: for ``timm:NAME``, the input side (default: the model's pretrained config).
+        random_init: for ``timm:``/``hf-hub:``/``local-dir:``, random weights instead of the
+            saved ones.
+        img_size: for those three, the input side (default: the model's pretrained config).
     """
-    if spec.startswith("timm:"):
-        import timm
-
-        name = spec[len("timm:") :]
-        kwargs = {"img_size": img_size} if img_size else {}
-        try:
-            model = timm.create_model(name, pretrained=not random_init, num_classes=0, **kwargs)
-        except Exception as e:
-            raise ModelError(
-                f"cannot build {spec} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                f"without internet pass random_init"
-            ) from None
-        cfg = model.pretrained_cfg
-        side = img_size or cfg.get("input_size", (3, 224, 224))[-1]
-        return Backbone(
-            spec,
-            model.eval().requires_grad_(False).to(device),
-            side,
-            cfg.get("mean", IMAGENET_DEFAULT_MEAN),
-            cfg.get("std", IMAGENET_DEFAULT_STD),
-            getattr(model, "num_prefix_tokens", 0),
-            model.num_features,
-        )
-    ckpt, path, record = load_pretrain_checkpoint(spec, "evaluation of a backbone")
-    student = student_from_checkpoint(ckpt, record, str(path))
-    encoder = student.encoder.eval().requires_grad_(False).to(device)
+    kwargs = {"img_size": img_size} if img_size and spec.startswith(TIMM_PREFIXES) else {}
+    enc, source = resolve_encoder(spec, "evaluation of a backbone", random_init, **kwargs)
+    model = enc.encoder
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    side = img_size if kwargs else None
+    side = side or (enc.arch or {}).get("img_size") or cfg.get("input_size", (3, 224, 224))[-1]
     return Backbone(
-        str(path),
-        encoder,
-        student.arch["img_size"],
-        tuple(student.mean.flatten().tolist()),
-        tuple(student.std.flatten().tolist()),
-        1,
-        student.embed_dim,
+        str(source),
+        model.eval().requires_grad_(False).to(device),
+        side,
+        tuple(torch.as_tensor(enc.mean).flatten().tolist()),
+        tuple(torch.as_tensor(enc.std).flatten().tolist()),
+        getattr(model, "num_prefix_tokens", 0),
+        model.num_features,
     )

@@ -649,8 +649,9 @@ class FinetuneConfig(EngineConfig):
         default=None,
         metadata=dict(
             resume=FIXED,
-            doc="pre-trained backbone: a tokenmorph checkpoint or run folder (None = random init "
-            "of model)",
+            doc="pre-trained backbone: a tokenmorph checkpoint or run folder, an export folder "
+            "(or .safetensors/.json), local-dir:DIR, hf-hub:NAME or timm:NAME (a timm Beit or "
+            "plain ViT) (None = random init of model)",
         ),
     )
     model: str = field(
@@ -760,8 +761,9 @@ class SegmentConfig(EngineConfig):
         default=None,
         metadata=dict(
             resume=FIXED,
-            doc="backbone: a tokenmorph checkpoint or run folder, an export (.json/.safetensors), "
-            "or timm:NAME (None = random init of model)",
+            doc="backbone: a tokenmorph checkpoint or run folder, an export folder (or "
+            ".json/.safetensors), local-dir:DIR, hf-hub:NAME or timm:NAME (None = random init of "
+            "model)",
         ),
     )
     random_init: bool = field(

@@ -51,12 +51,20 @@ def finetune_no_weight_decay(model, arch: dict) -> set[str]:
 
 
 def load_pretrained_student(spec: str):
-    """(student, checkpoint path) of a pre-training checkpoint file or run folder."""
-    from ..hub.backbone import load_pretrain_checkpoint
-    from ..models import student_from_checkpoint
+    """(student, source) of any backbone :func:`~tokenmorph.hub.backbone.resolve_encoder` takes:
+    the student of a pre-training checkpoint, or an encoder with the same ``arch``, ``encoder``,
+    ``mean`` and ``std`` (an export, a timm Beit or plain ViT); ``ModelError`` for a timm model
+    that is neither."""
+    from ..errors import ModelError
+    from ..hub.backbone import resolve_encoder
 
-    ckpt, path, record = load_pretrain_checkpoint(spec, "fine-tuning")
-    return student_from_checkpoint(ckpt, record, str(path)), path
+    student, source = resolve_encoder(spec, "fine-tuning")
+    if student.arch is None:
+        raise ModelError(
+            f"{spec} is a {type(student.encoder).__name__}; fine-tuning and segmentation take a "
+            "timm Beit or a plain VisionTransformer (class token)"
+        )
+    return student, source
 
 
 def finetune_arch(cfg, student=None) -> dict:
@@ -170,10 +178,13 @@ def build_datasets(cfg, img_size: int, mean, std, exclude=()):
     """(train, val, class names) with timm's training transform (RandAugment, random erasing) and
     eval transform, grey images as 3 channels; ``exclude``: folders left out of the scans (the
     run folder)."""
+    from pathlib import Path
+
     import torchvision.transforms as T
     from timm.data import create_transform
 
     from ..data import DataError, ToRGB, build_dataset, default_crop_pct
+    from ..data.shards import is_shard_folder
 
     _use_compatible_posterize()  # before the ops are built: each op keeps its function
     crop = cfg.crop_pct if cfg.crop_pct is not None else default_crop_pct(img_size)
@@ -213,8 +224,8 @@ def build_datasets(cfg, img_size: int, mean, std, exclude=()):
         val = build_dataset(
             cfg.val_data, train=False, transform=eval_tf, labels="folders", exclude=exclude
         )
-    elif cfg.data.startswith("fashion-mnist"):
-        val = build_dataset(cfg.data, train=False, transform=eval_tf)
+    elif cfg.data.startswith("fashion-mnist") or is_shard_folder(Path(cfg.data).expanduser()):
+        val = build_dataset(cfg.data, train=False, transform=eval_tf, labels="folders")
     else:
         raise DataError(
             f"no validation data for {cfg.data}: pass --val-data DIR (an ImageFolder tree)"
@@ -315,6 +326,7 @@ def finetune(cfg, dist_info=None):
 
 
 def _finetune_in(folder, cfg, dist_info):
+    import torch
     from timm.optim import param_groups_layer_decay
 
     from ..data import dataset_stats
@@ -326,7 +338,7 @@ def _finetune_in(folder, cfg, dist_info):
     seed_all(mix_seed(cfg.seed, 0xF17E))  # the new head's init is part of the run's identity
     student, source = load_pretrained_student(cfg.checkpoint) if cfg.checkpoint else (None, None)
     if student is not None:  # the backbone's own input conventions
-        mean, std = student.mean.flatten().tolist(), student.std.flatten().tolist()
+        mean, std = (torch.as_tensor(v).flatten().tolist() for v in (student.mean, student.std))
         img_size = cfg.img_size or student.arch["img_size"]
     else:
         mean, std = (list(v) for v in dataset_stats(cfg.data))

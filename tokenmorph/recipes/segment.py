@@ -95,35 +95,28 @@ def segmentation_backbone(
     (``source``, ``timm_model``, ``timm_kwargs``, ``mean``, ``std`` of [0, 1] inputs, ``report``
     of keys dropped / added).
 
-    ``spec``: a pre-training checkpoint or run folder, an export (.json / .safetensors), or
-    ``timm:NAME`` (the hub's weights, resampled by timm; ``random_init`` for none); None: a
-    random ``model_size`` BEiT. Fine-tuning's model (classification fine-tuning's
-    :func:`~tokenmorph.recipes.finetune.build_model`, with ``rel_pos_init``) is built at the
-    encoder's own size, then its tables are resampled to ``img_size`` by ``rel_pos_resize``."""
+    ``spec``: any backbone :func:`~tokenmorph.hub.backbone.resolve_encoder` takes; ``timm:NAME``
+    and ``hf-hub:NAME`` are built by timm at ``img_size`` (their weights resampled by timm;
+    ``random_init`` for none); None: a random ``model_size`` BEiT. Fine-tuning's model
+    (classification fine-tuning's :func:`~tokenmorph.recipes.finetune.build_model`, with
+    ``rel_pos_init``) is built at the encoder's own size, then its tables are resampled to
+    ``img_size`` by ``rel_pos_resize``."""
     import timm
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    from ..hub.export import is_export, load_export
+    from ..hub.backbone import resolve_encoder
     from ..models.arch import timm_model_name
     from .config import FinetuneConfig
     from .finetune import build_model, finetune_arch, load_pretrained_student
 
-    if spec is not None and spec.startswith("timm:"):
-        name = spec[len("timm:") :]
+    if spec is not None and spec.startswith(("timm:", "hf-hub:")):
         kwargs = dict(num_classes=0, img_size=img_size, drop_path_rate=drop_path)
-        try:
-            vit = timm.create_model(name, pretrained=not random_init, **kwargs)
-        except Exception as e:  # unknown names, offline downloads, models without img_size
-            raise ModelError(
-                f"cannot build {spec} for {img_size} px ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200]}); without internet set random_init"
-            ) from None
+        enc, _ = resolve_encoder(spec, "segmentation", random_init, **kwargs)
+        vit = enc.encoder
         if not (hasattr(vit, "blocks") and hasattr(vit, "forward_intermediates")):
             raise ModelError(f"{spec} is not a plain ViT (blocks + forward_intermediates)")
-        cfg = vit.pretrained_cfg
-        info = dict(timm_model=name, timm_kwargs=kwargs, report={})
-        mean, std = cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD)
-        return vit, {"source": spec, **info, "mean": list(mean), "std": list(std)}
+        info = dict(timm_model=spec.split(":", 1)[1], timm_kwargs=kwargs, report={})
+        return vit, {"source": spec, **info, "mean": list(enc.mean), "std": list(enc.std)}
     # classification fine-tuning's model of this encoder, with its class token and final norm
     ft = FinetuneConfig(
         model=model_size,
@@ -138,11 +131,7 @@ def segmentation_backbone(
         arch, source = finetune_arch(ft), "random init"
         mean, std = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
     else:
-        if is_export(spec):
-            encoder = load_export(spec)
-            path = encoder.source
-        else:
-            encoder, path = load_pretrained_student(spec)
+        encoder, path = load_pretrained_student(spec)
         vit, kwargs, report = build_model(ft, 0, encoder, path)
         arch, source = encoder.arch, str(path)
         mean, std = _as_list(encoder.mean), _as_list(encoder.std)
