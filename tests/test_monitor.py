@@ -204,7 +204,6 @@ def test_under_torchrun_the_main_process_monitors_and_the_others_wait(photo_dir,
         "--max-steps",
         "4",
         "drop_path=0",
-        # fmt: skip
         "precision=fp32",
         "monitor_every=2",
         "monitor_limit=40",

@@ -31,6 +31,7 @@ keys, unexpected keys and shapes that still differ are named in one line and ref
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from ..models.layouts import (
 from ..models.weights import one_line, read_state_dict, short_keys
 from ..runtime.checkpoints import CHECKPOINT_FORMAT
 from .export import is_export, load_export
+from .formats import is_hub_export
 from .release_weights import DTM_RELEASE_PREFIX, read_release_file
 
 __all__ = ["InitSource", "read_init_source", "load_into_student", "init_student"]
@@ -130,6 +132,14 @@ def _file_source(spec: str, path: Path) -> InitSource:
     )
 
 
+def _written_by_tokenmorph(folder: Path) -> bool:
+    """Whether a hub folder's ``config.json`` carries the ``tokenmorph`` entry of our export."""
+    try:
+        return "tokenmorph" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def read_init_source(spec: str) -> InitSource:
     """The weights ``init_from`` names, in the student's key names (see the module docstring);
     ``CheckpointError`` naming the value for anything else."""
@@ -138,6 +148,8 @@ def read_init_source(spec: str) -> InitSource:
         return _timm_source(spec)
     if spec.startswith(DTM_RELEASE_PREFIX):
         return _tokenmorph_source(spec)
+    if is_hub_export(spec) and not _written_by_tokenmorph(Path(spec)):
+        return _timm_source(f"local-dir:{Path(spec).expanduser()}")  # timm's save_for_hf folder
     if is_export(spec):
         exported = load_export(spec)
         return _encoder_source(exported.source, "tokenmorph export", exported.encoder)
