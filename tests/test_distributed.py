@@ -105,6 +105,7 @@ def assert_two_match_one(data, tmp_path, port: int, overrides, spoilt: int) -> N
     np.testing.assert_allclose([r["loss"] for r in m1], [r["loss"] for r in m2], rtol=1e-4)
 
 
+@pytest.mark.slow  # also covered by the every-objective test below; ~30 s
 def test_two_processes_match_one_unmasked_with_an_all_bad_shard(photos, tmp_path):
     """The issue's crash (MAE + blur: the mask token has no gradient) and hang (rank 1's shard
     all undecodable at step 2: its zero loss goes through DDP): both gone, and the weights are
