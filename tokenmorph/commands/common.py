@@ -202,21 +202,23 @@ def positive_list(kind=int):
     return convert
 
 
+def add_backbone_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "backbone" flags of the frozen-feature programs (``--checkpoint``, ``--random-init``);
+    returns the group, for the program's own backbone flags."""
+    g = parser.add_argument_group("backbone")
+    g.add_argument("--checkpoint", required=True, metavar="CKPT", help=BACKBONE_HELP)
+    g.add_argument(
+        "--random-init", action="store_true", help="timm:NAME with random weights (no download)"
+    )
+    return g
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every frozen-feature evaluation program takes: backbone, data, extraction,
     output."""
     from ..data import TINY_IMAGE_SIDE
 
-    g = parser.add_argument_group("backbone")
-    g.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="CKPT",
-        help=BACKBONE_HELP,
-    )
-    g.add_argument(
-        "--random-init", action="store_true", help="timm:NAME with random weights (no download)"
-    )
+    g = add_backbone_arguments(parser)
     g.add_argument(
         "--img-size", type=positive(int), help="timm:NAME input side (default: the model's)"
     )

@@ -7,7 +7,7 @@ import argparse
 import time
 
 from ..eval import PROTOCOLS
-from .common import BACKBONE_HELP, add_running_arguments, positive
+from .common import add_backbone_arguments, add_running_arguments, positive
 
 HELP = PROTOCOLS["seg-linear"]
 DESCRIPTION = """\
@@ -29,16 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..eval.segmentation import PROBE_LAYERS
     from ..ops.segmentation import INFERENCE_MODES
 
-    g = parser.add_argument_group("backbone")
-    g.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="CKPT",
-        help=BACKBONE_HELP,
-    )
-    g.add_argument(
-        "--random-init", action="store_true", help="timm:NAME with random weights (no download)"
-    )
+    g = add_backbone_arguments(parser)
     g.add_argument(
         "--layers",
         choices=list(PROBE_LAYERS),
