@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import CheckpointError, ConfigError, DataError, TokenmorphError, TrainingError
+from ..models.attention import resolve_attention, set_attention
 from .checkpoints import (
     CHECKPOINT_FORMAT,
     atomic_save,
@@ -36,6 +37,7 @@ from .checkpoints import (
     prune_checkpoints,
 )
 from .distributed import DistInfo, all_reduce_sums, barrier, is_peer_failure
+from .host import tune_host_allocator
 from .optim import OptimizerStep
 from .precision import autocast, autocast_dtype, bf16_warning
 from .run_logger import RunLogger
@@ -149,7 +151,15 @@ class Engine:
         self.lr = self.optim.lr
         self.autocast_dtype = autocast_dtype(cfg.precision)
         _freeze_unused(model, tuple(unused))
+        tune_host_allocator()
+        # a rule of the device and precision, so a resume runs the same kernel
+        self.attention = resolve_attention(
+            cfg.attention, dist_info.device.type, self.autocast_dtype
+        )
+        set_attention(model, self.attention)
         self.ddp_model = _ddp(model, dist_info) if dist_info.distributed else model
+        if cfg.compile:  # checkpoints keep self.model's (uncompiled) names
+            self.ddp_model = torch.compile(self.ddp_model)
         self.log = RunLogger(
             self.run_dir,
             dist_info.is_main,
@@ -285,7 +295,7 @@ class Engine:
         """Forward and backward over the step's ``accum_steps`` micro-batches; returns (mean
         loss, images, skipped images) of this rank."""
         cfg = self.cfg
-        loss_sum, images, skipped = 0.0, 0, 0
+        loss_sum, images, skipped = torch.zeros((), device=self.dist.device), 0, 0
         for a in range(cfg.accum_steps):
             batch = next(micro_batches)
             if "error" in batch:  # a sample failed to load with on_bad_image=raise
@@ -307,10 +317,10 @@ class Engine:
                     with autocast(self.dist.device.type, self.autocast_dtype):
                         loss, logs = self.step_fn(self.ddp_model, batch, self.step)
                 self.optim.backward(loss, cfg.accum_steps)
-            loss_sum += float(loss.detach()) / cfg.accum_steps
+            loss_sum += loss.detach().float() / cfg.accum_steps  # no host sync per micro-batch
             images += batch["images"].shape[0]
             self.log.add_logs(logs, 1.0 / cfg.accum_steps)
-        return loss_sum, images, skipped
+        return float(loss_sum), images, skipped
 
     def train_step(self, micro_batches, last_good: Path | None) -> StepResult:
         """One optimiser step over the next ``accum_steps`` micro-batches of ``micro_batches``.
