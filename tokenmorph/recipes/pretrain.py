@@ -186,8 +186,9 @@ def _build_monitor(cfg: PretrainConfig, dist_info: DistInfo) -> tuple:
             cfg.img_size,
             dist_info.device,
             k=cfg.monitor_k,
-            # bf16 on CUDA only: on a CPU it is no faster for ViT features (as eval knn)
-            amp_dtype=autocast_dtype(cfg.precision) if dist_info.device.type == "cuda" else None,
+            # the run's precision, with the run's attention kernel (the explicit product makes
+            # bf16 3x faster than fp32 on a CPU: 8 s instead of 25 s per point in the main job)
+            amp_dtype=autocast_dtype(cfg.precision),
         )
     except DataError as e:
         raise DataError(f"monitor_data={cfg.monitor_data}: {e}") from None

@@ -106,7 +106,7 @@ class Engine:
             gradient at every step: DDP needs no per-step search for unused ones).
         monitor: ``monitor(model) -> dict`` of numbers (e.g. :class:`~.monitor.KnnMonitor`),
             run on the main process at the start of a fresh run, every ``monitor_every`` steps
-            and at the last step, while the other processes wait at a barrier; it must leave
+            and at the last step, while the other processes wait in a collective; it must leave
             the model and the random generators as they were, so the training is the same with
             it or without it.
     """
@@ -417,15 +417,30 @@ class Engine:
         return self._summary(start_step, last_loss, final)
 
     def _run_monitor(self) -> None:
-        """The monitor on the main process (logged), the others waiting at a barrier."""
+        """The monitor on the main process (logged), the others waiting in a collective that also
+        tells them when it failed."""
         if self.monitor is None:
             return
+        error = None
         if self.dist.is_main:
-            values = self.monitor(self.model)
-            self.monitor_seconds += values.get("knn_seconds", 0.0)
-            self.last_monitor = values
-            self.log.monitor(self.step, values)
-        barrier(self.dist)
+            try:
+                values = self.monitor(self.model)
+            except Exception as e:  # re-raised below, once the other ranks know
+                error = e
+            else:
+                self.monitor_seconds += values.get("knn_seconds", 0.0)
+                self.last_monitor = values
+                self.log.monitor(self.step, values)
+        # instead of a barrier: a monitor that failed on the main process stops every rank here
+        # (they would otherwise wait in the next step's collectives)
+        (failed,) = all_reduce_sums(self.dist, [0.0 if error is None else 1.0])
+        if error is not None:
+            raise error
+        if failed:
+            raise TrainingError(
+                f"the k-NN monitor failed on the main process at step {self.step}; its error is "
+                "in that process's output"
+            )
 
     def _guarded_step(self, micro_batches, last_good: Path | None) -> StepResult:
         """:meth:`train_step`, with a collective that failed because another process died turned
