@@ -3,7 +3,7 @@
 torch's CPU tensors come from the C library's ``malloc``. glibc serves large blocks (above a
 threshold that adapts up to 32 MB) with fresh ``mmap`` pages and hands freed ones back to the
 kernel, so every step of a CPU training loop page-faults its activations in again: the kernel
-zeroes each page (measured on the demo: a third of the process's time was system time, the
+zeroes each page (measured on the demo: a fifth of the process's CPU time was system time, the
 EfficientNet teacher's forward 1.7x slower). Keeping freed memory in the heap makes the
 process reuse it. This is what Intel's and PyTorch's CPU tuning guides get by preloading
 jemalloc or tcmalloc; ``mallopt`` does it in-process, with no library to install.
