@@ -78,7 +78,7 @@ def bench_pretrain(
 
     def make_teacher(amp: torch.dtype | None):
         torch.manual_seed(seed)  # the same random weights for every precision
-        t = build_teacher(
+        return build_teacher(
             teacher,
             weights=teacher_weights,
             random_init=random_init,
@@ -87,7 +87,6 @@ def bench_pretrain(
             patch_size=patch_size,
             device=dev,
         )
-        return t
 
     t_model = make_teacher(amp_dtype)
     if t_model.backbone is not None:
@@ -112,12 +111,6 @@ def bench_pretrain(
     ).to(dev)
     criterion = DTMLoss(num_levels=2)
     kernels = _time_attention_kernels(student, images, amp_dtype, sync)
-    ours_student, ours_teacher = student, t_model
-    compile_s = None
-    if compile:
-        ours_student = torch.compile(student)
-        if t_model.backbone is not None:
-            t_model.compile_features()
 
     def autocast():
         if amp_dtype is None:
@@ -125,7 +118,7 @@ def bench_pretrain(
         return torch.autocast(dev.type, dtype=amp_dtype)
 
     scaler = None  # the release's GradScaler (fp16 on CUDA)
-    current = {"student": ours_student, "teacher": ours_teacher}
+    current = {"student": student, "teacher": t_model}
 
     def step(phases: dict | None, loss_fn, rng, counters: dict | None = None) -> None:
         counters = counters or {}
@@ -181,15 +174,19 @@ def bench_pretrain(
             "phases_s": {k: v / steps for k, v in phases.items()},
         }
 
-    ours = run(lambda p, t, s: dtm_loss(p, t, s), "tokenmorph")
-    if compile:
-        compile_s = ours["first_step_s"]
     # FLOPs of one step per phase (teacher forward, student forward, loss, backward, optimiser),
-    # counted by torch on the uncompiled models
-    current.update(student=student)
+    # counted by torch on the eager models (before any compilation)
     counters = {name: FlopCounterMode(display=False) for name in PHASES}
     step(None, lambda p, t, s: dtm_loss(p, t, s), _random.Random(seed), counters)
     phase_flops = {name: c.get_total_flops() for name, c in counters.items()}
+    compile_s = None
+    if compile:
+        current["student"] = torch.compile(student)
+        if t_model.backbone is not None:
+            t_model.compile_features()
+    ours = run(lambda p, t, s: dtm_loss(p, t, s), "tokenmorph")
+    if compile:
+        compile_s = ours["first_step_s"]
     flops = sum(phase_flops.values())
     peak = matmul_peak(amp_dtype or torch.float32, device)
     peak_fp32 = peak if amp_dtype is None else matmul_peak(torch.float32, device)

@@ -152,7 +152,7 @@ class Teacher(nn.Module):
         BatchNorm into the convolution before it), channels-last memory for a convolutional
         backbone, and with ``amp`` the weights of every linear and convolution layer stored at
         ``amp_dtype``: the numbers autocast would cast them to at every call, so the targets
-        stay as they were (``tests/test_teachers.py``). Returns ``self``."""
+        stay as they were (``tests/test_fast_paths.py``). Returns ``self``."""
         if self.backbone is None:
             return self
         self.fold()

@@ -6,8 +6,8 @@ queries from the validation split), the protocol of ``tokenmorph eval knn`` (its
 It must not change the training: the model is put in eval mode and back, nothing is written to
 it, no gradient is kept, and :func:`preserved_rng` restores every random generator afterwards
 (a DataLoader draws its base seed from torch's generator, so a monitor without it would shift a
-run's random stream). The engine runs it on the main process while the others wait at a
-barrier (:meth:`tokenmorph.runtime.engine.Engine.train`).
+run's random stream). The engine runs it on the main process while the others wait in a
+collective that also stops them when it fails (:meth:`tokenmorph.runtime.engine.Engine.train`).
 """
 
 from __future__ import annotations
