@@ -33,7 +33,7 @@ from torchvision import transforms as T
 
 from ..errors import ConfigError
 from .images import decode_rgb, probe_jpeg, to_rgb, undecodable
-from .transforms import pretrain_transform
+from .transforms import ToRGB, pretrain_transform
 
 __all__ = [
     "DEVICE_INTERPOLATIONS",
@@ -73,14 +73,15 @@ class DeviceSpec:
 
 @dataclass
 class EncodedImage:
-    """One sample for the device: ``data`` is a JPEG file's bytes ((n,) uint8, ``encoded``) or
-    an image PIL decoded in the worker ((3, H, W) uint8); its upright ``size`` (H, W), EXIF
-    ``orientation`` (1..8, applied on the device to JPEG bytes), the augmentation parameters
-    (``crop`` (top, left, height, width) on the upright image, ``flip``, jitter ``order`` (4
-    function indices) and ``factors`` (brightness, contrast, saturation; 1 = off)) and ``what``
-    names it in errors."""
+    """One sample for the device: ``data`` is a JPEG file's bytes (``encoded``) or an image PIL
+    decoded in the worker ((3, H, W) uint8 array); plain bytes and arrays travel from the workers
+    by value, where a tensor each would take one shared-memory file descriptor per sample. Its
+    upright ``size`` (H, W), EXIF ``orientation`` (1..8, applied on the device to JPEG bytes),
+    the augmentation parameters (``crop`` (top, left, height, width) on the upright image,
+    ``flip``, jitter ``order`` (4 function indices) and ``factors`` (brightness, contrast,
+    saturation; 1 = off)) and ``what`` names it in errors."""
 
-    data: torch.Tensor
+    data: bytes | np.ndarray
     encoded: bool
     size: tuple[int, int]
     orientation: int
@@ -116,6 +117,10 @@ class DeviceAugment:
         self.steps = pretrain_transform(
             img_size, scale, color_jitter, hflip, interpolation
         ).transforms
+        drawing = (T.ColorJitter, T.RandomHorizontalFlip, T.RandomResizedCrop)
+        other = [t for t in self.steps if not isinstance(t, (*drawing, ToRGB, T.ToTensor))]
+        if other:  # a step whose draws this class would not make: the parameters would drift
+            raise TypeError(f"DeviceAugment does not know the augmentation steps {other}")
         self.spec = DeviceSpec(img_size, interpolation, bool(color_jitter), on_error)
 
     def draw(self, height: int, width: int) -> tuple:
@@ -139,8 +144,8 @@ class DeviceAugment:
 
     def __call__(self, image: Image.Image, what: str = "image") -> EncodedImage:
         """A decoded PIL image: cropped and resized on the device, decoded here."""
-        rgb = torch.from_numpy(np.array(to_rgb(image))).permute(2, 0, 1)
-        return self._item(rgb.contiguous(), False, tuple(rgb.shape[1:]), 1, what)
+        rgb = np.ascontiguousarray(np.asarray(to_rgb(image)).transpose(2, 0, 1))
+        return self._item(rgb, False, tuple(rgb.shape[1:]), 1, what)
 
     def from_bytes(self, data: bytes, what: str) -> EncodedImage:
         """An image file's bytes: a JPEG is left encoded for the device, anything else decoded
@@ -149,15 +154,16 @@ class DeviceAugment:
         if probe is None:
             return self(decode_rgb(data, what), what)
         h, w, orientation = probe
-        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return self._item(encoded, True, (h, w), orientation, what)
+        return self._item(bytes(data), True, (h, w), orientation, what)
 
 
-def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list:
-    """decode_jpeg of each (n,) uint8 tensor on ``device`` (batched), RGB; an image the batch
+def _decode_jpegs(files: list[bytes], device: torch.device) -> list:
+    """decode_jpeg of each JPEG file's bytes on ``device`` (batched), RGB; an image the batch
     call cannot decode is retried alone, then on the CPU; one that fails there too is a
     ``RuntimeError`` in its place of the list."""
     from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
 
     def decode(x, dev):
         with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (TorchCodec)
@@ -249,9 +255,11 @@ def decode_batch(items: list[EncodedImage], device: torch.device) -> tuple[torch
         decoded[k] = x
     kept, views, means = [], [], []
     spec = items[0].spec if items else None
+    # one pass per image, as each has its own size: a few kernels each (slicing is free); the
+    # flip and the jitter then run on the whole batch
     for item, x in zip(items, decoded):
         if x is None:
-            x = item.data.to(device)
+            x = torch.from_numpy(item.data).to(device)
         elif isinstance(x, Exception):
             if spec.on_error == "raise":
                 raise undecodable(item.what, x) from None
