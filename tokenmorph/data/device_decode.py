@@ -47,7 +47,7 @@ __all__ = [
 
 # the config's ``decode`` choices
 DECODES = {
-    "cpu": "PIL in the loader's workers (bit-exact resume)",
+    "cpu": "PIL in the loader's workers (the releases' pixels)",
     "device": "decode_jpeg and the augmentation on the training device, parameters drawn in the "
     "workers",
 }
