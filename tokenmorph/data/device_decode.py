@@ -277,10 +277,9 @@ def decode_batch(items: list[EncodedImage], device: torch.device) -> tuple[torch
         top, left, h, w = item.crop
         if item.flip and spec.jitter_first:  # the crop was drawn on the flipped image
             left = x.shape[-1] - left - w
-        x = x.float()
-        if spec.jitter_first:
-            means.append(_grey(x).mean())
-        view = x[None, :, top : top + h, left : left + w]
+        if spec.jitter_first:  # the contrast's mean grey is the whole image's
+            means.append(_grey(x.float()).mean())
+        view = x[None, :, top : top + h, left : left + w].float()  # only the crop in float
         side = (spec.img_size, spec.img_size)
         views.append(
             F.interpolate(view, side, mode=spec.interpolation, align_corners=False, antialias=True)
