@@ -75,7 +75,7 @@ class KeyedDataset(Dataset):
         index, epoch = key[0], key[1]
         position = key[2] if len(key) > 2 else None
         s = mix_seed(self.seed, epoch, index)
-        seed_all(s)
+        seed_all(s, accelerators=False)  # samples are augmented on the CPU
         try:
             item = self.dataset[index]
         except TokenmorphError as e:
