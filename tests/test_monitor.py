@@ -97,8 +97,8 @@ def test_monitoring_does_not_change_the_training_and_resume_stays_exact(tmp_path
     assert [e.step for e in ea.Scalars("monitor/knn_top1")] == [0, 4, 8]
 
 
-def test_monitor_and_logger_settings_are_one_line_errors(tmp_path, capsys):
-    from tokenmorph.runtime.log_sinks import _wandb_installed
+def test_monitor_and_logger_settings_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    from tokenmorph.runtime import log_sinks
 
     cases = {
         "monitor_data=nowhere": "give fashion-mnist[:DIR] or TRAIN_DIR,VAL_DIR",
@@ -106,14 +106,41 @@ def test_monitor_and_logger_settings_are_one_line_errors(tmp_path, capsys):
         "loggers=tensorboard,mlflow": "unknown mlflow; choose from tensorboard, csv, wandb",
         "monitor_every=0": "monitor_every=0 is below its minimum 1",
     }
-    if not _wandb_installed():
-        cases["loggers=wandb"] = "loggers=wandb needs the wandb package: pip install wandb"
     for i, (override, message) in enumerate(cases.items()):
         extra = (
             (override, "monitor_every=2") if override.startswith("monitor_data") else (override,)
         )
         status, _, err = run_main(capsys, *smoke_args("fashion-mnist", tmp_path / str(i), *extra))
         assert status == 2 and message in err and "Traceback" not in err, (override, err)
+    # W&B: its package missing (as where it is not installed), then a setting W&B refuses
+    with monkeypatch.context() as m:
+        m.setattr(log_sinks, "_wandb_installed", lambda: False)
+        status, _, err = run_main(
+            capsys, *smoke_args("fashion-mnist", tmp_path / "w", "loggers=wandb")
+        )
+        assert status == 2 and "loggers=wandb needs the wandb package: pip install wandb" in err
+    if log_sinks._wandb_installed():
+        monkeypatch.setenv("WANDB_MODE", "offlin")
+        monkeypatch.setenv("WANDB_SILENT", "true")
+        status, _, err = run_main(
+            capsys, *smoke_args("fashion-mnist", tmp_path / "m", "loggers=wandb")
+        )
+        assert status == 2 and "Traceback" not in err, err
+        assert "loggers=wandb: W&B could not start its run" in err and "offlin" in err, err
+        assert not _wandb_services()
+
+
+def _wandb_services() -> list[str]:
+    """The W&B service processes (``wandb-core --pid PID``) that serve this process."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"wandb-core") for a in args[:1]) and str(os.getpid()).encode() in args:
+            found.append(proc.name)
+    return found
 
 
 def test_csv_resume_reads_as_one_run(tmp_path, capsys):
@@ -129,29 +156,36 @@ def test_csv_resume_reads_as_one_run(tmp_path, capsys):
     assert [r["loss"] for r in rows] == [str(r["loss"]) for r in read_metrics(out)]
 
 
-@pytest.mark.slow
-def test_wandb_offline_run_is_written_and_resumed_under_the_same_id(tmp_path):
-    """W&B in offline mode (run with a Python that has wandb, e.g. the scratch venv): the run
-    folder gets one W&B run id, a resume logs to the same id, and the offline run files hold
-    the history of every step."""
+@pytest.mark.slow  # 9 s on an idle machine, 50-130 s on this busy one (W&B's service)
+def test_wandb_offline_run_is_written_and_resumed_under_the_same_id(tmp_path, capsys, monkeypatch):
+    """W&B in offline mode (no network): the run folder gets one W&B run id, a resume logs to
+    the same id, the offline run files hold the history of every step (read back with W&B's
+    own records), and no W&B service process is left running."""
     pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     args = smoke_args("fashion-mnist", out, "loggers=tensorboard,wandb", "monitor_every=4",
                       "monitor_limit=50", "monitor_bank=100")  # fmt: skip
-    cmd = [sys.executable, "-m", "tokenmorph", *map(str, args)]
-    first = subprocess.run([*cmd, "stop_after=4"], env=env, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr
+    status, _, err = run_main(capsys, *args, "stop_after=4")
+    assert status == 0, err
+    assert not _wandb_services()
     run_id = (out / "wandb_id.txt").read_text().strip()
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert second.returncode == 0, second.stderr
+    status, _, err = run_main(capsys, *args)
+    assert status == 0, err
+    assert not _wandb_services()
     assert (out / "wandb_id.txt").read_text().strip() == run_id
     runs = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 2, list((out / "wandb").iterdir())
-    rows = [row for run in runs for row in _wandb_history(run / f"run-{run_id}.wandb")]
-    assert {row["_step"] for row in rows} == set(range(0, 9))
-    assert {row["_step"] for row in rows if "train/loss" in row} == set(range(1, 9))
-    assert {row["_step"] for row in rows if "monitor/knn_top1" in row} == {0, 4, 8}
+    first, second = (_wandb_history(run / f"run-{run_id}.wandb") for run in runs)
+    assert [row["_step"] for row in first] == list(range(0, 5))
+    assert [row["_step"] for row in second] == list(range(5, 9))
+    rows = first + second
+    assert [row["_step"] for row in rows if "train/loss" in row] == list(range(1, 9))
+    assert [row["_step"] for row in rows if "monitor/knn_top1" in row] == [0, 4, 8]
+    # the values of metrics.jsonl
+    losses = {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
+    assert {row["_step"]: row["train/loss"] for row in rows if "train/loss" in row} == losses
 
 
 def _wandb_history(path: Path) -> list[dict]:

@@ -126,11 +126,15 @@ def test_a_run_from_shards_is_the_run_from_the_folder_and_resumes_exactly(
 
 def test_bench_data_reports_every_source(capsys):
     args = ("bench", "data", "--images", "32", "--crops", "16", "--workers", "0,1")
-    status, out, err = run_main(capsys, *args, "--batch-size", "8", "--shard-size", "8", "--json")
+    status, out, err = run_main(
+        capsys, *args, "--batch-size", "8", "--shard-size", "8", "--decode-device", "cpu", "--json"
+    )
     assert status == 0, err
     result = json.loads(out)
-    rows = {(r["source"], r["workers"]): r["images_per_s"] for r in result["results"]}
-    assert set(rows) == {(s, w) for s in ("jpeg_folder", "tar_shards", "memory") for w in (0, 1)}
+    rows = {(r["source"], r["decode"], r["workers"]): r["images_per_s"] for r in result["results"]}
+    on_cpu = {(s, "cpu", w) for s in ("jpeg_folder", "tar_shards", "memory") for w in (0, 1)}
+    on_device = {(s, "device:cpu", w) for s in ("jpeg_folder", "tar_shards") for w in (0, 1)}
+    assert set(rows) == on_cpu | on_device
     assert all(v > 0 for v in rows.values()) and result["machine"]["cpus"] >= 1
 
 

@@ -8,6 +8,8 @@ JPEG quality 90), written to a temporary folder; the shards are those files, pac
 over the pre-training augmentation (colour jitter, flip, RandomResizedCrop to the crop side,
 ToTensor) through the run's own keyed loading (per-sample seeding, skip-and-count collate),
 timed from the first batch to the last (worker start-up left out: it is paid once per run).
+With a decode device, the ``decode=device`` path too: the workers read the files and draw the
+same parameters, and the batches are decoded (``decode_jpeg``) and augmented on that device.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import ImageFiles, pretrain_transform
+from ..data.device_decode import DeviceAugment
 from ..data.images import SAMPLE_PHOTOS, open_rgb
 from ..data.shards import TarShards, folder_samples, write_shards
-from ..runtime.sampling import KeyedDataset, collate_keyed
+from ..runtime.sampling import KeyedDataset, batch_to_device, collate_keyed
 
 __all__ = ["bench_data", "SOURCE_SIZE"]
 
@@ -63,7 +66,9 @@ def _write_jpegs(folder: Path, count: int, seed: int) -> None:
         crop.save(folder / f"{i:06d}.jpg", quality=90)
 
 
-def _rate(dataset, batch_size: int, workers: int, seed: int) -> float:
+def _rate(dataset, batch_size: int, workers: int, seed: int, device=None) -> float:
+    """images/s of one pass; with ``device``, each batch is also decoded and augmented there
+    (``decode=device``: the loader gives the files' bytes and the drawn parameters)."""
     keyed = KeyedDataset(dataset, seed)
     keys = [
         [(i, 0) for i in range(b, min(b + batch_size, len(dataset)))]
@@ -76,14 +81,27 @@ def _rate(dataset, batch_size: int, workers: int, seed: int) -> float:
         collate_fn=collate_keyed,
         prefetch_factor=4 if workers else None,
     )
+
+    device = None if device is None else torch.device(device)
+
+    def load(batch):
+        return batch if device is None else batch_to_device(batch, device)
+
     it = iter(loader)
-    first = next(it)
+    first = load(next(it))
+    _synchronize(device)
     start, count = time.perf_counter(), 0
     for batch in it:
-        count += batch["images"].shape[0]
+        count += load(batch)["images"].shape[0]
+    _synchronize(device)
     elapsed = time.perf_counter() - start
     assert first["skipped"] == 0
     return count / elapsed if elapsed > 0 else float("nan")
+
+
+def _synchronize(device) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def bench_data(
@@ -93,9 +111,13 @@ def bench_data(
     batch_size: int = 32,
     shard_size: int = 64,
     seed: int = 0,
+    decode_device: str | None = None,
 ) -> dict:
-    """The measurements as a JSON-ready dict: ``results`` rows of (source, crop, workers,
-    images_per_s), and the machine they were measured on."""
+    """The measurements as a JSON-ready dict: ``results`` rows of (source, decode, crop,
+    workers, images_per_s), and the machine they were measured on. ``decode_device`` (e.g.
+    ``cuda``) adds the ``decode=device`` rows of the JPEG folder and the shards: the workers
+    read the bytes and draw the parameters, the batches are decoded and augmented on that
+    device (timed to its last kernel)."""
     if images < 2 * batch_size:
         raise ValueError(f"images={images}: give at least two batches ({2 * batch_size})")
     with tempfile.TemporaryDirectory(prefix="tokenmorph-bench-data-") as tmp:
@@ -113,11 +135,29 @@ def bench_data(
                 "tar_shards": TarShards(shards, "train", transform=transform),
                 "memory": _InMemory(decoded, transform),
             }
-            for name, ds in sources.items():
+            runs = [(name, ds, "cpu", None) for name, ds in sources.items()]
+            if decode_device is not None:
+                augment, where = DeviceAugment(crop), f"device:{decode_device}"
+                runs += [
+                    ("jpeg_folder", ImageFiles(folder, transform=augment), where, decode_device),
+                    (
+                        "tar_shards",
+                        TarShards(shards, "train", transform=augment),
+                        where,
+                        decode_device,
+                    ),
+                ]
+            for name, ds, decode, device in runs:
                 for w in workers:
-                    rate = _rate(ds, batch_size, w, seed)
+                    rate = _rate(ds, batch_size, w, seed, device)
                     rows.append(
-                        {"source": name, "crop": crop, "workers": w, "images_per_s": round(rate, 1)}
+                        {
+                            "source": name,
+                            "decode": decode,
+                            "crop": crop,
+                            "workers": w,
+                            "images_per_s": round(rate, 1),
+                        }
                     )
     return {
         "images": images,
@@ -125,6 +165,7 @@ def bench_data(
         "batch_size": batch_size,
         "shard_size": shard_size,
         "augmentation": "colour jitter 0.4, flip, RandomResizedCrop(crop, (0.08, 1)), ToTensor",
+        "decode_device": decode_device,
         "machine": {
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),

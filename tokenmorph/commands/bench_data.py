@@ -15,11 +15,14 @@ them into WebDataset tar shards, and times one pass of the pre-training loader (
 flip, RandomResizedCrop, ToTensor; per-sample seeding; skip-and-count collate) over each source
 (the JPEG folder, the tar shards, the decoded images in memory) at each --crops side and each
 --workers count. images/s are counted from the first batch to the last (worker start-up is paid
-once per run, not per batch).
+once per run, not per batch). --decode-device adds the decode=device rows: the workers read the
+files and draw the same augmentation parameters, and each batch is decoded (decode_jpeg: nvjpeg
+on CUDA) and augmented on that device, timed to its last kernel.
 
 examples:
   tokenmorph bench data --json                                     # the defaults
   tokenmorph bench data --images 1024 --crops 224 --workers 0,4,8  # a bigger machine
+  tokenmorph bench data --crops 224 --workers 4 --decode-device cuda --json  # decode=device too
 """
 
 
@@ -33,6 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     parser.add_argument("--shard-size", type=int, default=64, help="samples per shard (default 64)")
+    parser.add_argument(
+        "--decode-device",
+        default=None,
+        choices=("cuda", "cpu", "auto"),
+        help="also time decode=device with the batches decoded and augmented on this device "
+        "(auto: cuda when there is one, else left out)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -49,7 +59,20 @@ def run(args: argparse.Namespace) -> int:
             f"--images {args.images} must hold two batches of --batch-size {args.batch_size}, "
             "crops must be positive and workers not negative"
         )
-    result = bench_data(args.images, tuple(crops), tuple(workers), args.batch_size, args.shard_size)
+    device = args.decode_device
+    if device is not None:
+        import torch
+
+        from ..runtime.distributed import resolve_device
+
+        if device != "auto" or torch.cuda.is_available():
+            device = str(resolve_device(device))  # a one-line error without CUDA
+        else:
+            device = None
+    result = bench_data(
+        args.images, tuple(crops), tuple(workers), args.batch_size, args.shard_size,
+        decode_device=device,
+    )  # fmt: skip
     if args.json:
         print(dump_json(result))
         return 0
@@ -58,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
         f"data loader, {result['images']} images of 500x375 JPEG, batch {result['batch_size']}, "
         f"{m['cpus']} CPUs ({m['processor']})"
     )
-    print(f"  {'source':<12} {'crop':>5} {'workers':>8} {'images/s':>10}")
+    print(f"  {'source':<12} {'decode':<12} {'crop':>5} {'workers':>8} {'images/s':>10}")
     for r in result["results"]:
-        print(f"  {r['source']:<12} {r['crop']:>5} {r['workers']:>8} {r['images_per_s']:>10.1f}")
+        print(
+            f"  {r['source']:<12} {r['decode']:<12} {r['crop']:>5} {r['workers']:>8} "
+            f"{r['images_per_s']:>10.1f}"
+        )
     return 0

@@ -13,7 +13,7 @@ from typing import Union
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .images import open_rgb
+from .images import open_rgb, read_file
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFiles"]
 
@@ -80,12 +80,14 @@ class ImageFiles(Dataset):
     classes sorted by name; sub-folders without images are not classes), ``"auto"``
     (``"folders"`` when ``root`` holds sub-folders and no image directly, else ``"none"``).
 
-    ``ds[i]`` -> ``(PIL.Image "RGB", label)`` or ``(transform(image), label)``; for a file that
-    does not decode, ``None`` (``on_error="skip"``, logged as a warning; ``collate_skip`` drops
-    and counts it) or ``DataError`` (``on_error="raise"``). Attributes: ``files`` (sorted list of
-    Paths), ``targets`` (list of int), ``classes`` (list of str, empty without labels),
-    ``irregular`` (entries named like images that are not regular files: FIFOs, sockets,
-    devices, broken links; never opened). ``exclude``: folders left out of the scan.
+    ``ds[i]`` -> ``(PIL.Image "RGB", label)`` or ``(transform(image), label)`` (a transform with
+    ``reads_bytes``, :class:`~.device_decode.DeviceAugment`, gets the file's bytes:
+    ``(transform.from_bytes(data, name), label)``); for a file that does not decode, ``None``
+    (``on_error="skip"``, logged as a warning; ``collate_skip`` drops and counts it) or
+    ``DataError`` (``on_error="raise"``). Attributes: ``files`` (sorted list of Paths),
+    ``targets`` (list of int), ``classes`` (list of str, empty without labels), ``irregular``
+    (entries named like images that are not regular files: FIFOs, sockets, devices, broken links;
+    never opened). ``exclude``: folders left out of the scan.
     """
 
     def __init__(
@@ -143,6 +145,8 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int):
         path = self.files[index]
         try:
+            if getattr(self.transform, "reads_bytes", False):  # decoded later (decode=device)
+                return self.transform.from_bytes(read_file(path), str(path)), self.targets[index]
             image = open_rgb(path)
         except DataError as e:
             if self.on_error == "raise":

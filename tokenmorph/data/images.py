@@ -26,6 +26,9 @@ __all__ = [
     "SAMPLE_PHOTOS",
     "open_rgb",
     "decode_rgb",
+    "read_file",
+    "probe_jpeg",
+    "undecodable",
     "to_rgb",
     "to_square_tensor",
     "sample_photo",
@@ -113,10 +116,62 @@ def _decode(source, what) -> Image.Image:
     except (
         Exception
     ) as e:  # PIL's decoders raise many types (OSError, SyntaxError, ValueError, struct.error...)
-        raise DataError(
-            f"cannot decode image {what}: {type(e).__name__}: {e}; "
-            f"fix or delete the file, or use on_error='skip'"
-        ) from e
+        raise undecodable(what, e) from e
+
+
+def undecodable(what, e: BaseException) -> DataError:
+    """The ``DataError`` of an image that does not decode, naming it and the reason."""
+    return DataError(
+        f"cannot decode image {what}: {type(e).__name__}: {e}; "
+        f"fix or delete the file, or use on_error='skip'"
+    )
+
+
+def _check_regular(path: PathLike) -> None:
+    """``DataError`` unless ``path`` is a regular file (a FIFO would block ``open``)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise OSError(f"{path} is not a regular file (a FIFO, socket, device or folder)")
+    except OSError as e:
+        raise undecodable(path, e) from e
+
+
+def read_file(path: PathLike) -> bytes:
+    """The bytes of an image file (not decoded); ``DataError`` as :func:`open_rgb` for a
+    missing, unreadable or irregular file."""
+    _check_regular(path)
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise undecodable(path, e) from e
+
+
+def probe_jpeg(data: bytes, what) -> tuple[int, int, int] | None:
+    """(height, width, EXIF orientation) of a JPEG file's bytes, the size as the image stands
+    upright (orientations 5 to 8 swap the sides), read from its header without decoding it:
+    for the JPEGs ``torchvision.io.decode_jpeg`` decodes as PIL does (grey, YCbCr/RGB). None for
+    any other format or a CMYK JPEG (PIL decodes those). ``DataError`` naming ``what`` when the
+    header does not parse or the image has more than ``MAX_IMAGE_PIXELS`` pixels."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))  # lazy: the header only
+        with im:
+            if im.format != "JPEG" or im.mode not in ("L", "RGB"):
+                return None
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(
+                    f"{w}x{h} = {w * h} pixels is over the limit of {MAX_IMAGE_PIXELS}"
+                )
+            try:
+                orientation = int(im.getexif().get(_ORIENTATION, 1))
+            except Exception:  # a broken EXIF block: upright, as _upright reads it
+                orientation = 1
+    except Exception as e:
+        raise undecodable(what, e) from e
+    orientation = orientation if orientation in range(1, 9) else 1
+    return (w, h, orientation) if orientation >= 5 else (h, w, orientation)
 
 
 def open_rgb(path: PathLike) -> Image.Image:
@@ -129,14 +184,7 @@ def open_rgb(path: PathLike) -> Image.Image:
     decode (missing, not a regular file, zero-byte, truncated, not an image, more than
     ``MAX_IMAGE_PIXELS`` pixels). Only regular files are opened: a FIFO would block ``open``.
     """
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise OSError(f"{path} is not a regular file (a FIFO, socket, device or folder)")
-    except OSError as e:
-        raise DataError(
-            f"cannot decode image {path}: {type(e).__name__}: {e}; "
-            f"fix or delete the file, or use on_error='skip'"
-        ) from e
+    _check_regular(path)
     return _decode(path, path)
 
 

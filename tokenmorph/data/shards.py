@@ -162,12 +162,13 @@ def array_samples(images, labels) -> Iterator[tuple[bytes, str, int]]:
 class TarShards(Dataset):
     """The samples of one split of a shard folder (:func:`write_shards`'s layout), random access.
 
-    ``ds[i]`` -> ``(PIL.Image "RGB", label)`` or ``(transform(image), label)``; for a sample that
-    does not decode (or has no image member), ``None`` (``on_error="skip"``: dropped and counted
-    by ``collate_skip``) or ``DataError`` (``on_error="raise"``). ``labels="folders"`` (what
-    classification asks of a folder) refuses a split with unlabelled samples. Attributes:
-    ``root``, ``split``, ``shards`` (paths), ``targets`` (list of int, -1 without labels),
-    ``classes``.
+    ``ds[i]`` -> ``(PIL.Image "RGB", label)`` or ``(transform(image), label)`` (a transform with
+    ``reads_bytes`` gets the image member's bytes, as :class:`~.folders.ImageFiles`'); for a
+    sample that does not decode (or has no image member), ``None`` (``on_error="skip"``: dropped
+    and counted by ``collate_skip``) or ``DataError`` (``on_error="raise"``).
+    ``labels="folders"`` (what classification asks of a folder) refuses a split with unlabelled
+    samples. Attributes: ``root``, ``split``, ``shards`` (paths), ``targets`` (list of int, -1
+    without labels), ``classes``.
     """
 
     def __init__(
@@ -278,6 +279,8 @@ class TarShards(Dataset):
             with open(self.shards[shard], "rb") as f:
                 f.seek(offset)
                 data = f.read(size)
+            if getattr(self.transform, "reads_bytes", False):  # decoded later (decode=device)
+                return self.transform.from_bytes(data, what), self.targets[index]
             image = decode_rgb(data, what)
         except (DataError, OSError) as e:
             if self.on_error == "raise":

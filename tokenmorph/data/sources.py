@@ -15,7 +15,7 @@ from .fashion_mnist import FashionMNIST, _fashion_mnist_in
 from .folders import ImageFiles
 from .shards import SHARD_INFO, TarShards, is_shard_folder
 
-__all__ = ["DATASET_STATS", "build_dataset", "data_folder", "dataset_stats"]
+__all__ = ["DATASET_STATS", "build_dataset", "data_folder", "dataset_stats", "source_kind"]
 
 Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
 
@@ -42,6 +42,11 @@ def _parse_source(source: str) -> tuple[str, Path | None]:
     if is_shard_folder(path):
         return "shards", path
     return "images", path
+
+
+def source_kind(source: str) -> str:
+    """What a data source string names: ``"fashion-mnist"``, ``"shards"`` or ``"images"``."""
+    return _parse_source(source)[0]
 
 
 def build_dataset(

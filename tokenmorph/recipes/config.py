@@ -22,6 +22,8 @@ from typing import Any, Union
 
 import yaml
 
+from ..data.device_decode import DECODES, check_device_interpolation, check_device_source
+from ..data.sources import source_kind
 from ..data.transforms import INTERPOLATIONS
 from ..errors import ConfigError
 from ..models.arch import DECODER_PRESETS, FRAMEWORKS, REL_POS, STUDENT_SIZES
@@ -506,6 +508,15 @@ class PretrainConfig(EngineConfig):
             resume=FREE, doc="undecodable file: skip and count, or stop", choices=("skip", "raise")
         ),
     )
+    decode: str = field(
+        default="cpu",
+        metadata=dict(
+            doc="where images are decoded and augmented: cpu (the loader's workers, PIL) or "
+            "device (the workers read the files and draw each sample's crop, flip and jitter; "
+            "decode_jpeg and the augmentation run on the training device: docs/cluster.md)",
+            choices=tuple(DECODES),
+        ),
+    )
     # masking
     num_masked: int = field(
         default=75, metadata=dict(doc="masked patches per image (block-wise)", min=0)
@@ -575,6 +586,9 @@ class PretrainConfig(EngineConfig):
 
     def validate(self) -> PretrainConfig:
         super().validate()
+        if self.decode == "device":
+            check_device_source(source_kind(self.data))
+            check_device_interpolation(self.crop_interpolation)
         if self.img_size % self.patch_size:
             raise ConfigError(
                 f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}"

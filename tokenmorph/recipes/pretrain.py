@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..data import build_dataset, dataset_stats, pretrain_transform
+from ..data.device_decode import DeviceAugment
 from ..models import DECODER_PRESETS, StudentRecord, create_mae_student, create_student
 from ..models.attention import resolve_attention, set_attention
 from ..models.teachers import build_teacher
@@ -99,19 +100,11 @@ def pretrain(cfg: PretrainConfig, dist_info: DistInfo | None = None) -> dict:
         cfg.batch_size, cfg.accum_steps, dist_info.world_size
     )  # before any data or model is built
     with RunFolder.open(cfg, dist_info, "pretrain") as folder:
-        # the loader crops the objective's view (the input side, or the larger zoom-in view)
         dataset = build_dataset(
             cfg.data,
             train=True,
             on_error=cfg.on_bad_image,
-            transform=pretrain_transform(
-                view_side(cfg),
-                (cfg.crop_scale_min, 1.0),
-                cfg.color_jitter,
-                cfg.hflip,
-                cfg.crop_interpolation,
-                uint8=True,  # normalised on the device (batch_to_device): 4x less shared memory
-            ),
+            transform=_transform(cfg),
             exclude=(folder.path,),
         )
         done = folder.check_data(dataset)
@@ -120,6 +113,23 @@ def pretrain(cfg: PretrainConfig, dist_info: DistInfo | None = None) -> dict:
         resuming = folder.checkpoint is not None
         engine, describe = _build_engine(cfg, dist_info, dataset, folder.path, resuming)
         return folder.run(engine, describe)
+
+
+def _transform(cfg: PretrainConfig):
+    """The loader's augmentation: decoded in the workers (``decode=cpu``), or only its
+    parameters drawn there and the images decoded on the device (``decode=device``)."""
+    # the loader crops the objective's view (the input side, or the larger zoom-in view)
+    args = (
+        view_side(cfg),
+        (cfg.crop_scale_min, 1.0),
+        cfg.color_jitter,
+        cfg.hflip,
+        cfg.crop_interpolation,
+    )
+    if cfg.decode == "device":
+        return DeviceAugment(*args, on_error=cfg.on_bad_image)
+    # uint8: normalised on the device (batch_to_device), 4x less shared memory
+    return pretrain_transform(*args, uint8=True)
 
 
 def _build_engine(

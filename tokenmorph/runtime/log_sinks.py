@@ -131,7 +131,15 @@ def _cells(record: dict) -> dict:
 
 
 class WandbSink:
-    """A W&B run whose id lives in the run folder (the same run after a resume)."""
+    """A W&B run whose id lives in the run folder (the same run after a resume).
+
+    What W&B does with it (wandb 0.31): offline, each opening writes its own
+    ``wandb/offline-run-<time>-<id>`` folder under the same id, and ``wandb sync`` merges them
+    in time order; online, a resumed run goes on from the server's last step, so the steps
+    between the checkpoint and a crash are already there: W&B keeps those (it ignores a step
+    below its last one, with a warning), and they hold the same values, the resume being exact.
+    Closing finishes the run and stops W&B's service process (``wandb-core``) unless another
+    W&B run of this process is still open."""
 
     def __init__(self, run_dir: Path, config: dict, name: str) -> None:
         import wandb
@@ -142,15 +150,26 @@ class WandbSink:
             run_id = secrets.token_hex(4)  # W&B's own ids are 8 lowercase characters too
             id_path.write_text(run_id + "\n")
         self.wandb = wandb
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "tokenmorph"),
-            name=name,
-            id=run_id,
-            resume="allow",
-            dir=str(run_dir),
-            config=config,
-            settings=wandb.Settings(console="off", x_disable_stats=True, disable_git=True),
-        )
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "tokenmorph"),
+                name=name,
+                id=run_id,
+                resume="allow",
+                dir=str(run_dir),
+                config=config,
+                settings=wandb.Settings(
+                    console="off", x_disable_stats=True, x_disable_meta=True, disable_git=True
+                ),
+            )
+        except (wandb.errors.Error, ValueError) as e:  # no API key or server, a bad WANDB_MODE
+            wandb.teardown()
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+            why = " ".join(x for x in lines if not x.startswith("For further")) or type(e).__name__
+            raise ConfigError(
+                f"loggers=wandb: W&B could not start its run ({why[:300]}); "
+                "run `wandb login`, or set WANDB_MODE=offline to write it for `wandb sync`"
+            ) from None
 
     def write(self, record: dict, group: str) -> None:
         # always the step: W&B keeps one row per step, steps increasing (a resume goes on after
@@ -159,6 +178,8 @@ class WandbSink:
 
     def close(self) -> None:
         self.run.finish()
+        if self.wandb.run is None:  # no other run of this process: stop the service too
+            self.wandb.teardown()
 
 
 def open_sinks(

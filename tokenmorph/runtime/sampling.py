@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..data import collate_skip, to_unit_float
+from ..data.device_decode import EncodedImage, decode_batch
 from ..errors import ConfigError, DataError, TokenmorphError
 from .seeding import mix_seed, seed_all
 
@@ -95,8 +96,12 @@ def collate_keyed(batch: list) -> dict:
     failures = [b for b in batch if isinstance(b, LoadFailure)]
     if failures:
         return {"error": str(failures[0])}
-    images, labels, skipped = collate_skip([None if b is None else (b[0], b[1]) for b in batch])
     kept = [b for b in batch if b is not None]
+    if kept and isinstance(kept[0][0], EncodedImage):  # decode=device: decoded on the device
+        images, skipped = [b[0] for b in kept], len(batch) - len(kept)
+        labels = torch.tensor([int(b[1]) for b in kept], dtype=torch.long)
+    else:
+        images, labels, skipped = collate_skip([None if b is None else (b[0], b[1]) for b in batch])
     extra = None
     if kept and isinstance(
         kept[0][2], dict
@@ -118,8 +123,16 @@ def collate_keyed(batch: list) -> dict:
 
 def batch_to_device(batch: dict, device: torch.device) -> dict:
     """A :func:`collate_keyed` batch on ``device`` (nested dicts of extras included); uint8
-    images (the loader sends a quarter of float32's bytes) become float in [0, 1] there."""
+    images (the loader sends a quarter of float32's bytes) become float in [0, 1] there.
+    ``decode=device`` batches (a list of :class:`~tokenmorph.data.device_decode.EncodedImage`)
+    are decoded and augmented there; the images that do not decode are dropped with their
+    labels, extras and positions, and counted in ``skipped``."""
     nb = device.type == "cuda"
+    if isinstance(batch.get("images"), list):
+        images, kept = decode_batch(batch["images"], device)
+        batch = {**batch, "images": images}
+        if not all(kept):
+            batch = _keep(batch, kept)
 
     def move(v):
         if isinstance(v, dict):
@@ -130,6 +143,26 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
     if torch.is_tensor(out.get("images")):
         out["images"] = to_unit_float(out["images"])
     return out
+
+
+def _keep(batch: dict, kept: list[bool]) -> dict:
+    """``batch`` without the samples ``kept`` marks False (but ``images``, already without
+    them), those counted in ``skipped``."""
+    index = torch.tensor([k for k, keep in enumerate(kept) if keep], dtype=torch.long)
+
+    def take(v):
+        if isinstance(v, dict):
+            return {k: take(x) for k, x in v.items()}
+        return v[index] if torch.is_tensor(v) else v
+
+    out = {k: take(v) for k, v in batch.items() if k not in ("images", "positions", "skipped")}
+    positions = batch.get("positions")
+    return {
+        **out,
+        "images": batch["images"],
+        "positions": None if positions is None else [p for p, k in zip(positions, kept) if k],
+        "skipped": batch["skipped"] + kept.count(False),
+    }
 
 
 class StepBatchSampler(Sampler):
