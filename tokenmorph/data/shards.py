@@ -177,24 +177,13 @@ class TarShards(Dataset):
         transform: Callable | None = None,
         on_error: str = "skip",
         labels: str = "auto",
+        entry: dict | None = None,
     ):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error={on_error!r}: use 'skip' or 'raise'")
         self.root = Path(root).expanduser()
-        try:
-            info = json.loads((self.root / SHARD_INFO).read_text())
-            splits = info["splits"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(
-                f"{self.root / SHARD_INFO} is not a shard index ({type(e).__name__}: {e}); "
-                "write the shards with tokenmorph data shards"
-            ) from None
-        if split not in splits:
-            raise DataError(
-                f"{self.root} has no split {split!r} (it has {', '.join(sorted(splits))}); "
-                "write it with tokenmorph data shards --split"
-            )
-        entry = splits[split]
+        if entry is None:  # else the shards are given (``filenames``: paths), as by wds:
+            entry = self._entry(split)
         self.split, self.classes = split, list(entry.get("classes", []))
         self.shards = [self.root / f for f in entry["filenames"]]
         self.transform, self.on_error = transform, on_error
@@ -219,6 +208,23 @@ class TarShards(Dataset):
                 f"{self.root}: the shards hold {len(self.targets)} samples of split {split!r}, "
                 f"its info says {entry['num_samples']}; write them again"
             )
+
+    def _entry(self, split: str) -> dict:
+        """The info file's entry of ``split``."""
+        try:
+            info = json.loads((self.root / SHARD_INFO).read_text())
+            splits = info["splits"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(
+                f"{self.root / SHARD_INFO} is not a shard index ({type(e).__name__}: {e}); "
+                "write the shards with tokenmorph data shards"
+            ) from None
+        if split not in splits:
+            raise DataError(
+                f"{self.root} has no split {split!r} (it has {', '.join(sorted(splits))}); "
+                "write it with tokenmorph data shards --split"
+            )
+        return splits[split]
 
     @staticmethod
     def _index(path: Path, size: int | None) -> np.ndarray:

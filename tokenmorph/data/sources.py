@@ -1,5 +1,6 @@
-"""Data sets by name or path (``fashion-mnist[:DIR]``, a folder of images, or a folder of
-WebDataset shards) and their normalisation."""
+"""Data sets by name or path (``fashion-mnist[:DIR]``, a folder of images, a folder of
+WebDataset shards read by index, ``wds:`` shards read as a stream, ``hfds:`` a local Hugging Face
+data set) and their normalisation."""
 
 from __future__ import annotations
 
@@ -14,8 +15,28 @@ from ..errors import DataError
 from .fashion_mnist import FashionMNIST, _fashion_mnist_in
 from .folders import ImageFiles
 from .shards import SHARD_INFO, TarShards, is_shard_folder
+from .stream import ShardStream
 
-__all__ = ["DATASET_STATS", "build_dataset", "data_folder", "dataset_stats"]
+__all__ = ["DATASET_STATS", "SOURCE_SPELLINGS", "build_dataset", "data_folder", "dataset_stats"]
+
+# Every spelling of a data source, with an example (the pretrain help and docs list them).
+SOURCE_SPELLINGS = (
+    ("DIR", "a folder of images, flat or an ImageFolder tree: /data/imagenet/train"),
+    (
+        "fashion-mnist[:DIR]",
+        "Fashion-MNIST's idx files: fashion-mnist:/usr/share/datasets/fashion-mnist",
+    ),
+    ("SHARDS", "a folder written by tokenmorph data shards, read by index: /data/in1k-shards"),
+    (
+        "wds:DIR_OR_PATTERN",
+        "WebDataset .tar shards read as a stream: wds:/data/shards or "
+        "'wds:/data/in1k-train-{000000..000127}.tar'",
+    ),
+    (
+        "hfds:PATH",
+        "a local Hugging Face data set (save_to_disk folder, parquet): hfds:/data/fmnist-hf",
+    ),
+)
 
 Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
 
@@ -34,6 +55,8 @@ def _parse_source(source: str) -> tuple[str, Path | None]:
        files;
     ("images", folder) otherwise."""
     name, sep, rest = source.partition(":")
+    if name.strip().lower() in ("wds", "hfds") and sep:
+        return name.strip().lower(), Path(rest).expanduser()
     if name.strip().lower() == "fashion-mnist":
         return "fashion-mnist", Path(rest).expanduser() if sep and rest else None
     path = Path(source).expanduser()
@@ -52,6 +75,7 @@ def build_dataset(
     labels: str = "auto",
     download: bool = False,
     exclude: tuple = (),
+    stream: bool = False,
 ) -> Dataset:
     """A data set by name or path.
 
@@ -61,9 +85,20 @@ def build_dataset(
     split; ``exclude`` names folders left out of its scan, e.g. a run folder inside it). A folder
     of WebDataset shards (``tokenmorph data shards``: its ``_info.json``) -> ``TarShards`` of its
     ``train`` split (``train=False``: ``validation``, ``val`` or ``test``, the first it has).
+    ``"wds:DIR_OR_PATTERN"`` -> with ``stream`` (pre-training) a :class:`~.stream.ShardStream`
+    (WebDataset shards read as a stream, in a seeded order of whole shards; not indexable: the
+    run's loader reads it), without (evaluation, fine-tuning) the same shards by index;
+    ``"hfds:PATH"`` -> :class:`~.hf.HFImages` (a local Hugging Face data set, random access).
     Raises ``DataError`` for a missing path or a folder without images.
     """
     kind, path = _parse_source(source)
+    if kind == "wds":
+        shards = ShardStream(source.partition(":")[2], train, transform, on_error)
+        return shards if stream else shards.indexed(labels)
+    if kind == "hfds":
+        from .hf import HFImages  # imports datasets: only for this source
+
+        return HFImages(path, train, transform, on_error, labels)
     if kind == "fashion-mnist":
         return FashionMNIST(path, train=train, transform=transform, download=download)
     if kind == "shards":

@@ -39,7 +39,15 @@ from .distributed import DistInfo, all_reduce_sums, barrier, is_peer_failure
 from .optim import OptimizerStep
 from .precision import autocast, autocast_dtype, bf16_warning
 from .run_logger import RunLogger
-from .sampling import KeyedDataset, StepBatchSampler, batch_to_device, collate_keyed
+from .sampling import (
+    KeyedDataset,
+    KeyedStream,
+    StepBatchSampler,
+    batch_to_device,
+    check_batch_layout,
+    collate_keyed,
+    steps_per_epoch,
+)
 from .seeding import mix_seed, seed_all
 
 __all__ = ["EMPTY_STEPS_LIMIT", "Engine", "StepResult", "total_steps_for"]
@@ -131,15 +139,24 @@ class Engine:
         self.extra_state = dict(extra_state or {})
         self.monitor, self.monitor_every = monitor, monitor_every
         self.monitor_seconds, self.last_monitor = 0.0, None
-        self.sampler = StepBatchSampler(
-            len(dataset),
-            cfg.batch_size,
-            cfg.accum_steps,
-            dist_info.rank,
-            dist_info.world_size,
-            cfg.seed,
-        )
-        self.steps_per_epoch = self.sampler.steps_per_epoch
+        # a streamed source: each rank's position is the samples it consumed (saved)
+        self.stream = dataset if isinstance(dataset, KeyedStream) else None
+        self.stream_consumed = 0
+        if self.stream is not None:
+            check_batch_layout(cfg.batch_size, cfg.accum_steps, dist_info.world_size)
+            self.stream.stream.check_processes(dist_info.world_size)
+            self.sampler = None
+            self.steps_per_epoch = steps_per_epoch(len(dataset), cfg.batch_size)
+        else:
+            self.sampler = StepBatchSampler(
+                len(dataset),
+                cfg.batch_size,
+                cfg.accum_steps,
+                dist_info.rank,
+                dist_info.world_size,
+                cfg.seed,
+            )
+            self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = total_steps_for(cfg, self.steps_per_epoch)
         if cfg.precision == "fp16" and dist_info.device.type != "cuda":
             raise ConfigError(
@@ -188,6 +205,15 @@ class Engine:
             "model": self.model.state_dict(),
             **self.optim.state_dict(),
             **self.extra_state,
+            **(
+                {
+                    "data_position": self.stream.state_dict(
+                        self.stream_consumed, self.dist.world_size
+                    )
+                }
+                if self.stream is not None
+                else {}
+            ),
         }
 
     def save(self) -> Path | None:
@@ -239,6 +265,10 @@ class Engine:
             raise CheckpointError(
                 f"{path}: its optimiser state does not fit this run ({_one_line(e)})"
             ) from None
+        if self.stream is not None:
+            self.stream_consumed = self.stream.load_state_dict(
+                ckpt.get("data_position"), self.dist.world_size, path
+            )
         self.step = ckpt["step"]
         self.images_seen = ckpt.get("images_seen", 0)
         self.skipped_images = ckpt.get("skipped_images", 0)
@@ -270,9 +300,24 @@ class Engine:
     # ------------------------------------------------------------------ one step
     def make_loader(self) -> DataLoader:
         cfg = self.cfg
+        if self.stream is not None:  # the stream yields whole micro-batches
+            micro = cfg.batch_size // cfg.accum_steps // self.dist.world_size
+            batches = (self.total_steps - self.step) * cfg.accum_steps
+            span = self.stream.span(
+                self.dist.rank,
+                self.dist.world_size,
+                micro,
+                cfg.accum_steps,
+                self.stream_consumed,
+                batches,
+            )
+            order = dict(batch_size=None)
+        else:
+            span = self.dataset
+            order = dict(batch_sampler=self.sampler.span(self.step, self.total_steps))
         return DataLoader(
-            self.dataset,
-            batch_sampler=self.sampler.span(self.step, self.total_steps),
+            span,
+            **order,
             num_workers=cfg.num_workers,
             collate_fn=collate_keyed,
             pin_memory=self.dist.device.type == "cuda",
@@ -347,6 +392,7 @@ class Engine:
             # the mean over the ranks that had images (one process with the same data: the same)
             grad_norm = self.optim.apply(self.dist.world_size / fed_ranks)
         self.step += 1
+        self.stream_consumed += self.cfg.batch_size // self.dist.world_size  # streams only
         mean_loss = float("nan") if bad or empty else loss_total / fed_ranks
         return StepResult(
             mean_loss, int(images), int(skipped), grad_norm, wd, bad, empty, stop=int(stop)
