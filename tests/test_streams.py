@@ -118,6 +118,17 @@ def test_stream_positions_offsets_workers_and_bad_samples(photo_dir, tmp_path):
     # two processes: disjoint shards, together all of them
     halves = [{s for _, _, s, _ in islice(stream.items(0, r, 2), 10)} for r in (0, 1)]
     assert not halves[0] & halves[1] and halves[0] | halves[1] == {0, 1, 2, 3}
+    # shards of another tool (no _info.json, no sidecar index): a folder, a glob, a brace pattern
+    (tmp_path / "other").mkdir()
+    for p in stream.shards:
+        shutil.copy(p, tmp_path / "other" / p.name)
+    specs = [tmp_path / "other", tmp_path / "other" / "*.tar"]
+    specs.append(tmp_path / "other" / "s-train-{000000..000003}.tar")
+    for spec in specs:
+        other = ShardStream(str(spec))
+        assert [p.name for p in other.shards] == [p.name for p in stream.shards]
+        assert other.lengths == stream.lengths and other.fingerprint() == stream.fingerprint()
+        assert all(other.label(s, p) == stream.label(s, p) for _, _, s, p in order)
     strict = ShardStream(str(tmp_path / "s"), on_error="raise")
     failed = KeyedStream(strict, 0).span(0, 1, 20, 1, 0, 1)
     assert "error" in collate_keyed(next(iter(failed)))

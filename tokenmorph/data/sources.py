@@ -17,26 +17,7 @@ from .folders import ImageFiles
 from .shards import SHARD_INFO, TarShards, is_shard_folder
 from .stream import ShardStream
 
-__all__ = ["DATASET_STATS", "SOURCE_SPELLINGS", "build_dataset", "data_folder", "dataset_stats"]
-
-# Every spelling of a data source, with an example (the pretrain help and docs list them).
-SOURCE_SPELLINGS = (
-    ("DIR", "a folder of images, flat or an ImageFolder tree: /data/imagenet/train"),
-    (
-        "fashion-mnist[:DIR]",
-        "Fashion-MNIST's idx files: fashion-mnist:/usr/share/datasets/fashion-mnist",
-    ),
-    ("SHARDS", "a folder written by tokenmorph data shards, read by index: /data/in1k-shards"),
-    (
-        "wds:DIR_OR_PATTERN",
-        "WebDataset .tar shards read as a stream: wds:/data/shards or "
-        "'wds:/data/in1k-train-{000000..000127}.tar'",
-    ),
-    (
-        "hfds:PATH",
-        "a local Hugging Face data set (save_to_disk folder, parquet): hfds:/data/fmnist-hf",
-    ),
-)
+__all__ = ["DATASET_STATS", "build_dataset", "data_folder", "dataset_stats"]
 
 Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
 

@@ -11,7 +11,8 @@ Exact resume: the data order and every sample's randomness are functions of (see
 (:mod:`.sampling`), the training RNG (drop path) is re-seeded from (seed, step, rank) at every
 step, and DTM's schedules are drawn from (seed, step, chunk of the global batch) by the
 objective. So a checkpoint needs only the step, the model and the optimiser state; no
-RNG state is saved.
+RNG state is saved. A streamed source (``data=wds:``) has no index to permute: its position (the
+samples each rank consumed, :class:`~.sampling.KeyedStream`) is saved too.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ class Engine:
             optimised.
         step_fn: ``(model, batch, step) -> (loss, logs)``; batch is the dict of
             :func:`~.sampling.collate_keyed` with tensors on the device.
-        dataset: a :class:`~.sampling.KeyedDataset`.
+        dataset: a :class:`~.sampling.KeyedDataset`, or a :class:`~.sampling.KeyedStream` (a
+            streamed source: its position joins every checkpoint).
         run_dir: output folder (checkpoints/, metrics.jsonl, tb/).
         kind: checkpoint kind, checked on resume ("pretrain", "finetune").
         compat: values a resumed checkpoint must share (e.g. the target dimension); keys its
@@ -122,7 +124,7 @@ class Engine:
         cfg,
         model: nn.Module,
         step_fn: Callable,
-        dataset: KeyedDataset,
+        dataset: KeyedDataset | KeyedStream,
         run_dir: Path,
         dist_info: DistInfo,
         kind: str,
@@ -191,7 +193,7 @@ class Engine:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {
+        state = {
             "format": CHECKPOINT_FORMAT,
             "kind": self.kind,
             "compat": self.compat,
@@ -205,16 +207,12 @@ class Engine:
             "model": self.model.state_dict(),
             **self.optim.state_dict(),
             **self.extra_state,
-            **(
-                {
-                    "data_position": self.stream.state_dict(
-                        self.stream_consumed, self.dist.world_size
-                    )
-                }
-                if self.stream is not None
-                else {}
-            ),
         }
+        if self.stream is not None:  # where every rank's stream goes on
+            state["data_position"] = self.stream.state_dict(
+                self.stream_consumed, self.dist.world_size
+            )
+        return state
 
     def save(self) -> Path | None:
         """Write this step's checkpoint (main process) and keep the newest ``keep_last`` readable
