@@ -148,7 +148,9 @@ def test_a_changed_shard_set_is_refused_on_resume(shards, tmp_path, capsys):
     for extra in ((), ("--apply-changes",)):
         status, _, err = run_main(capsys, *args, *extra)
         lines = err.strip().splitlines()
-        assert status == 2 and len(lines) == 1 and "the shards of data=wds:" in lines[0], err
+        assert status == 2 and len(lines) == 1 and "the data of the stream data=wds:" in lines[0], (
+            err
+        )
         assert "changed" in lines[0] and "cannot resume" in lines[0]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002.pt"]
 
@@ -162,17 +164,20 @@ def _png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST), reason="no Fashion-MNIST")
-def test_hfds_trains_and_evaluates_fashion_mnist(tmp_path, capsys):
-    """(c) Fashion-MNIST images in a save_to_disk DatasetDict (train/test, a ClassLabel column,
-    one undecodable row): a smoke pre-training reads it (the bad row skipped and counted) and
-    k-NN evaluates the checkpoint on its two splits."""
+NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat"] + [f"c{i}" for i in range(5, 10)]
+
+
+@pytest.fixture(scope="module")
+def fm_hf(tmp_path_factory):
+    """Real Fashion-MNIST images (48 train, 32 test, PNG) in a save_to_disk DatasetDict with a
+    ClassLabel column; train row 3 does not decode."""
+    if not os.path.isdir(FASHION_MNIST):
+        pytest.skip("no Fashion-MNIST")
     datasets = pytest.importorskip("datasets")
     from PIL import Image
 
-    names = ["t-shirt", "trouser", "pullover", "dress", "coat"] + [f"c{i}" for i in range(5, 10)]
     features = datasets.Features(
-        {"image": datasets.Image(), "label": datasets.ClassLabel(names=names)}
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=NAMES)}
     )
     splits = {}
     for split, train, n in (("train", True, 48), ("test", False, 32)):
@@ -188,8 +193,15 @@ def test_hfds_trains_and_evaluates_fashion_mnist(tmp_path, capsys):
         splits[split] = datasets.Dataset.from_dict(
             {"image": rows, "label": labels}, features=features
         )
-    folder = tmp_path / "fm-hf"
+    folder = tmp_path_factory.mktemp("hf") / "fm-hf"
     datasets.DatasetDict(splits).save_to_disk(str(folder))
+    return folder
+
+
+def test_hfds_trains_and_evaluates_fashion_mnist(fm_hf, tmp_path, capsys):
+    """(c) hfds: a save_to_disk folder of Fashion-MNIST: a smoke pre-training reads it (the bad
+    row skipped and counted) and k-NN evaluates the checkpoint on its two splits."""
+    folder, names = fm_hf, NAMES
     ds = build_dataset(f"hfds:{folder}")
     assert len(ds) == 48 and ds.classes == names and ds[3] is None
     ref = FashionMNIST(FASHION_MNIST, train=True)
@@ -248,3 +260,72 @@ def test_a_wds_run_killed_by_sigterm_resumes_with_the_uninterrupted_weights(shar
     weights = [final_weights(d)["model"] for d in (whole, run)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert json.loads((run / "summary.json").read_text())["steps"] == 40
+
+
+@pytest.mark.slow
+def test_two_processes_stop_and_resume_a_wds_stream(shards, tmp_path):
+    """torchrun with 2 processes: each reads its own shards (the checkpoint's positions name
+    disjoint ones); stopped after 3 steps and resumed (another worker count), the weights are
+    the uninterrupted 2-process run's; resuming with 1 process is refused with one line."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(out, *extra, port):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        cmd += ["--master_port", str(port), "-m", "tokenmorph"]
+        cmd += [*map(str, smoke_args(f"wds:{shards}", out, "--max-steps", "6", *extra))]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    torchrun(whole, port=29531)
+    torchrun(parts, "stop_after=3", port=29532)
+    position = final_weights(parts)["data_position"]
+    assert position["processes"] == 2 and position["consumed"] == 12
+    ranks = position["ranks"]
+    read = [set(r["finished"]) | ({r["shard"]} if r["offset"] else set()) for r in ranks]
+    assert read[0] and read[1] and not read[0] & read[1]
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokenmorph",
+            *map(str, smoke_args(f"wds:{shards}", parts, "--max-steps", "6")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = one.stderr.strip().splitlines()
+    assert one.returncode == 2 and len(lines) == 1 and "read by 2 processes" in lines[0]
+    torchrun(parts, "num_workers=1", port=29533)
+    weights = [final_weights(d)["model"] for d in (whole, parts)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_hfids_streams_and_resumes_exactly(fm_hf, tmp_path, capsys, monkeypatch):
+    """hfids: the same data set as a datasets.IterableDataset: stopped after 3 steps and
+    resumed, the rows read across both halves are the uninterrupted run's (the first 48: each
+    row once) and so are the weights."""
+    from tokenmorph.data.hf import HFStream
+
+    seen = []
+    load = HFStream.load
+
+    def recording(self, cell, label):
+        seen.append(cell["bytes"])
+        return load(self, cell, label)
+
+    monkeypatch.setattr(HFStream, "load", recording)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run_main(capsys, *smoke_args(f"hfids:{fm_hf}", whole, "--max-steps", "7"))[0] == 0
+    uninterrupted = list(seen)
+    seen.clear()
+    args = smoke_args(f"hfids:{fm_hf}", parts, "--max-steps", "7")
+    assert run_main(capsys, *args, "stop_after=3")[0] == 0
+    status, out, err = run_main(capsys, *args)
+    assert status == 0 and "resuming from" in out, err
+    assert seen == uninterrupted and len(seen) == 56
+    assert len(set(seen[:48])) == 48  # epoch 0: every row once (then epoch 1)
+    assert final_weights(parts)["data_position"]["consumed"] == 56
+    weights = [final_weights(d)["model"] for d in (whole, parts)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

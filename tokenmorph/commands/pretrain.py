@@ -25,8 +25,9 @@ torchrun's --nnodes/--rdzv-* flags), or on SLURM srun alone, one task per GPU (i
 variables are read; docs/cluster.md). --data takes a folder of images, fashion-mnist[:DIR], a
 folder of WebDataset shards (tokenmorph data shards; read by index), wds:DIR_OR_PATTERN
 (WebDataset .tar shards read as a stream, e.g. 'wds:/data/in1k-train-{000000..000127}.tar'; its
-position is saved in every checkpoint: a resume repeats and skips no sample) or hfds:PATH (a
-local Hugging Face data set: a save_to_disk folder, parquet). Start from published weights with
+position is saved in every checkpoint: a resume repeats and skips no sample), hfds:PATH (a
+local Hugging Face data set: a save_to_disk folder, parquet) or hfids:PATH (the same streamed,
+with a saved position too). Start from published weights with
 init_from=SOURCE (a tokenmorph checkpoint, run folder or export, an official MAE or DTM release
 checkpoint, timm:NAME, local-dir:DIR; init_strict=false loads what fits); follow representation
 quality with the k-NN monitor (monitor_every=N, monitor_data, monitor_limit, monitor_bank); log to
@@ -51,8 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         help="training data: a folder of images (flat or class tree), fashion-mnist[:DIR], a "
-        "shard folder, wds:DIR_OR_PATTERN (a stream of .tar shards) or hfds:PATH (a local Hugging "
-        "Face data set)",
+        "shard folder, wds:DIR_OR_PATTERN (a stream of .tar shards), hfds:PATH (a local Hugging "
+        "Face data set) or hfids:PATH (streamed)",
     )
 
 

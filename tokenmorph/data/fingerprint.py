@@ -9,8 +9,9 @@ start and a resume (files added, removed, renamed or rewritten).
   index (every sample's offset, size and label);
 * WebDataset shards read as a stream (``wds:``): the sample and shard counts, a hash of every
   shard's name, size and sample count;
-* a Hugging Face data set (``hfds:``): the row count, the split and datasets' own fingerprint
-  of the stored data;
+* a Hugging Face data set (``hfds:``; ``hfids:`` likewise, or a hash of its files' names and
+  sizes when ``datasets`` has no fingerprint of them): the row count, the split and datasets' own
+  fingerprint of the stored data;
 * any other data set: its class name and length.
 
 Hashes are the first 16 hex digits of SHA-256.
@@ -26,7 +27,6 @@ from .fashion_mnist import FashionMNIST
 from .folders import ImageFiles
 from .hf import HFImages
 from .shards import TarShards
-from .stream import ShardStream
 
 __all__ = ["SAMPLED_FILES", "data_fingerprint", "describe_fingerprint"]
 
@@ -84,7 +84,7 @@ def data_fingerprint(dataset: Dataset) -> dict:
         return _fashion_mnist_fingerprint(dataset)
     if isinstance(dataset, TarShards):
         return _shards_fingerprint(dataset)
-    if isinstance(dataset, ShardStream):
+    if getattr(dataset, "streaming", False):  # wds:, hfids: (their own)
         return dataset.fingerprint()
     if isinstance(dataset, HFImages):
         kind = f"hfds {dataset.split}"

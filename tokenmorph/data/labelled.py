@@ -66,7 +66,7 @@ def _short_side(dataset: Dataset, tries: int = 100) -> int:
 
 def _is_source(spec: str) -> bool:
     """Whether ``spec`` names a source with a prefix (``wds:``, ``hfds:``) that holds splits."""
-    return spec.partition(":")[0].strip().lower() in ("wds", "hfds") and ":" in spec
+    return spec.partition(":")[0].strip().lower() in ("wds", "hfds", "hfids") and ":" in spec
 
 
 def _check_labelled_tree(flag: str, root: Path) -> None:

@@ -36,7 +36,15 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from .images import decode_rgb
 
-__all__ = ["SHARD_INFO", "IMAGE_KEYS", "TarShards", "is_shard_folder", "write_shards"]
+__all__ = [
+    "SHARD_INFO",
+    "IMAGE_KEYS",
+    "TarShards",
+    "is_shard_folder",
+    "read_split",
+    "shard_split",
+    "write_shards",
+]
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +167,34 @@ def array_samples(images, labels) -> Iterator[tuple[bytes, str, int]]:
         yield buf.getvalue(), "png", int(label)
 
 
+def shard_split(root: Path, train: bool) -> str:
+    """The split of a shard folder a run reads: ``train``, or the first evaluation split it has
+    (``validation``, ``val``, ``test``)."""
+    if train:
+        return "train"
+    splits = json.loads((root / SHARD_INFO).read_text()).get("splits", {})
+    return next((s for s in ("validation", "val", "test") if s in splits), "validation")
+
+
+def read_split(root: Path, split: str) -> dict:
+    """The ``_info.json`` entry of ``split`` in the shard folder ``root``; ``DataError`` when
+    there is none."""
+    try:
+        info = json.loads((root / SHARD_INFO).read_text())
+        splits = info["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(
+            f"{root / SHARD_INFO} is not a shard index ({type(e).__name__}: {e}); "
+            "write the shards with tokenmorph data shards"
+        ) from None
+    if split not in splits:
+        raise DataError(
+            f"{root} has no split {split!r} (it has {', '.join(sorted(splits))}); "
+            "write it with tokenmorph data shards --split"
+        )
+    return splits[split]
+
+
 class TarShards(Dataset):
     """The samples of one split of a shard folder (:func:`write_shards`'s layout), random access.
 
@@ -183,7 +219,7 @@ class TarShards(Dataset):
             raise ValueError(f"on_error={on_error!r}: use 'skip' or 'raise'")
         self.root = Path(root).expanduser()
         if entry is None:  # else the shards are given (``filenames``: paths), as by wds:
-            entry = self._entry(split)
+            entry = read_split(self.root, split)
         self.split, self.classes = split, list(entry.get("classes", []))
         self.shards = [self.root / f for f in entry["filenames"]]
         self.transform, self.on_error = transform, on_error
@@ -208,23 +244,6 @@ class TarShards(Dataset):
                 f"{self.root}: the shards hold {len(self.targets)} samples of split {split!r}, "
                 f"its info says {entry['num_samples']}; write them again"
             )
-
-    def _entry(self, split: str) -> dict:
-        """The info file's entry of ``split``."""
-        try:
-            info = json.loads((self.root / SHARD_INFO).read_text())
-            splits = info["splits"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(
-                f"{self.root / SHARD_INFO} is not a shard index ({type(e).__name__}: {e}); "
-                "write the shards with tokenmorph data shards"
-            ) from None
-        if split not in splits:
-            raise DataError(
-                f"{self.root} has no split {split!r} (it has {', '.join(sorted(splits))}); "
-                "write it with tokenmorph data shards --split"
-            )
-        return splits[split]
 
     @staticmethod
     def _index(path: Path, size: int | None) -> np.ndarray:

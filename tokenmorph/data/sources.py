@@ -4,7 +4,6 @@ data set) and their normalisation."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from .fashion_mnist import FashionMNIST, _fashion_mnist_in
 from .folders import ImageFiles
-from .shards import SHARD_INFO, TarShards, is_shard_folder
+from .shards import TarShards, is_shard_folder, shard_split
 from .stream import ShardStream
 
 __all__ = ["DATASET_STATS", "build_dataset", "data_folder", "dataset_stats"]
@@ -36,7 +35,7 @@ def _parse_source(source: str) -> tuple[str, Path | None]:
        files;
     ("images", folder) otherwise."""
     name, sep, rest = source.partition(":")
-    if name.strip().lower() in ("wds", "hfds") and sep:
+    if name.strip().lower() in ("wds", "hfds", "hfids") and sep:
         return name.strip().lower(), Path(rest).expanduser()
     if name.strip().lower() == "fashion-mnist":
         return "fashion-mnist", Path(rest).expanduser() if sep and rest else None
@@ -69,21 +68,25 @@ def build_dataset(
     ``"wds:DIR_OR_PATTERN"`` -> with ``stream`` (pre-training) a :class:`~.stream.ShardStream`
     (WebDataset shards read as a stream, in a seeded order of whole shards; not indexable: the
     run's loader reads it), without (evaluation, fine-tuning) the same shards by index;
-    ``"hfds:PATH"`` -> :class:`~.hf.HFImages` (a local Hugging Face data set, random access).
-    Raises ``DataError`` for a missing path or a folder without images.
+    ``"hfds:PATH"`` -> :class:`~.hf.HFImages` (a local Hugging Face data set, random access);
+    ``"hfids:PATH"`` -> with ``stream`` :class:`~.hf.HFStream` (the same read as a
+    ``datasets.IterableDataset``), without it by index. Raises ``DataError`` for a missing path
+    or a folder without images.
     """
     kind, path = _parse_source(source)
     if kind == "wds":
         shards = ShardStream(source.partition(":")[2], train, transform, on_error)
         return shards if stream else shards.indexed(labels)
-    if kind == "hfds":
-        from .hf import HFImages  # imports datasets: only for this source
+    if kind in ("hfds", "hfids"):
+        from .hf import HFImages, HFStream  # imports datasets: only for these sources
 
+        if kind == "hfids" and stream:
+            return HFStream(path, train, transform, on_error)
         return HFImages(path, train, transform, on_error, labels)
     if kind == "fashion-mnist":
         return FashionMNIST(path, train=train, transform=transform, download=download)
     if kind == "shards":
-        split = _shard_split(path, train)
+        split = shard_split(path, train)
         return TarShards(path, split, transform=transform, on_error=on_error, labels=labels)
     if not path.exists():
         raise DataError(
@@ -91,14 +94,6 @@ def build_dataset(
             f"pass one of those"
         )
     return ImageFiles(path, transform=transform, on_error=on_error, labels=labels, exclude=exclude)
-
-
-def _shard_split(path: Path, train: bool) -> str:
-    """The split of a shard folder a run reads: ``train``, or the first evaluation split."""
-    if train:
-        return "train"
-    splits = json.loads((path / SHARD_INFO).read_text()).get("splits", {})
-    return next((s for s in ("validation", "val", "test") if s in splits), "validation")
 
 
 def data_folder(source: str) -> Path | None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,9 +38,9 @@ import torch
 
 from ..errors import DataError
 from .images import decode_rgb
-from .shards import SHARD_INFO, TarShards
+from .shards import SHARD_INFO, TarShards, read_split, shard_split
 
-__all__ = ["ShardStream", "shard_order"]
+__all__ = ["ShardStream", "shard_order", "stream_seed"]
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +50,11 @@ _ORDER_SALT = 0x3D5  # the shard order's own seed stream (the map-style order us
 def shard_order(seed: int, epoch: int, num_shards: int) -> list[int]:
     """The permutation of ``num_shards`` shard numbers of epoch ``epoch``: a function of (seed,
     epoch) only, the same on every process."""
-    g = torch.Generator().manual_seed(_mix(seed, epoch, _ORDER_SALT))
+    g = torch.Generator().manual_seed(stream_seed(seed, epoch, _ORDER_SALT))
     return torch.randperm(num_shards, generator=g).tolist()
 
 
-def _mix(*values: int) -> int:
+def stream_seed(*values: int) -> int:
     """One 63-bit seed from integers (SHA-256: no structure between nearby values)."""
     h = hashlib.sha256(repr(tuple(int(v) for v in values)).encode()).digest()
     return int.from_bytes(h[:8], "little") >> 1
@@ -110,7 +109,7 @@ class ShardStream:
         info = None
         if folder.is_dir():
             if (folder / SHARD_INFO).is_file():
-                info = _split_entry(folder, train)
+                info = read_split(folder, shard_split(folder, train))
                 self.shards = [folder / f for f in info["filenames"]]
                 self.classes = list(info.get("classes", []))
             else:
@@ -267,19 +266,3 @@ class ShardStream:
             "shards": len(self.shards),
             "names": h.hexdigest()[:16],
         }
-
-
-def _split_entry(folder: Path, train: bool) -> dict:
-    """The info entry of the split a stream reads: ``train``, or the first evaluation split."""
-    try:
-        splits = json.loads((folder / SHARD_INFO).read_text())["splits"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{folder / SHARD_INFO} is not a shard index ({e})") from None
-    names = ("train",) if train else ("validation", "val", "test")
-    split = next((s for s in names if s in splits), None)
-    if split is None:
-        raise DataError(
-            f"{folder} has no split {names[0]!r} (it has {', '.join(sorted(splits))}); write "
-            "it with tokenmorph data shards --split"
-        )
-    return splits[split]

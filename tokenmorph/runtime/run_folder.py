@@ -245,11 +245,10 @@ class RunFolder:
         old = self.checkpoint.get("data_fingerprint")
         if old is not None and old != self.fingerprint and getattr(dataset, "streaming", False):
             raise ConfigError(
-                f"the shards of data={self.cfg.data} changed since {self.checkpoint_path} "
+                f"the data of the stream data={self.cfg.data} changed since {self.checkpoint_path} "
                 f"({describe_fingerprint(old)} -> {describe_fingerprint(self.fingerprint)}): a "
-                "stream's position means other samples in another shard set, so it cannot "
-                "resume (not even with --apply-changes); restore the shards or use another "
-                "--output-dir"
+                "stream's position means other samples in other data, so it cannot resume (not "
+                "even with --apply-changes); restore the data or use another --output-dir"
             )
         if old is not None and old != self.fingerprint:
             change = Change(

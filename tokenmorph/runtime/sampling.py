@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
-from ..data import collate_skip, to_unit_float
+from ..data import collate_skip, describe_fingerprint, to_unit_float
 from ..errors import CheckpointError, ConfigError, DataError, TokenmorphError
 from .seeding import mix_seed, seed_all
 
@@ -113,9 +113,10 @@ def _keyed_item(load: Callable, seed: int, epoch: int, index: int, position, ext
 
 
 class KeyedStream(IterableDataset):
-    """A streamed source (:class:`~tokenmorph.data.stream.ShardStream`) as the training loader
-    reads it: each rank's stream cut into micro-batches, every sample seeded by (seed, its
-    stream epoch, its global index) as :class:`KeyedDataset` seeds it.
+    """A streamed source (``wds:`` :class:`~tokenmorph.data.stream.ShardStream`, ``hfids:``
+    :class:`~tokenmorph.data.hf.HFStream`) as the training loader reads it: each rank's stream
+    cut into micro-batches, every sample seeded by (seed, its stream epoch, its global index) as
+    :class:`KeyedDataset` seeds it.
 
     :meth:`span` sets what one loader yields: this rank's micro-batches (lists of
     :class:`KeyedDataset`-style items; the loader's ``batch_size=None``, ``collate_keyed``
@@ -153,7 +154,7 @@ class KeyedStream(IterableDataset):
             "seed": self.seed,
             "processes": world,
             "consumed": consumed,
-            "shards": self.stream.fingerprint(),
+            "data": self.stream.fingerprint(),
             "ranks": [self.stream.position(self.seed, r, world, consumed) for r in range(world)],
         }
 
@@ -166,13 +167,12 @@ class KeyedStream(IterableDataset):
                 f"{where} has no stream position (written from another kind of source); "
                 "resume it with its own data source, or use another --output-dir"
             )
-        theirs, ours = state.get("shards", {}), self.stream.fingerprint()
+        theirs, ours = state.get("data", {}), self.stream.fingerprint()
         why = None
         if theirs != ours:
             why = (
-                f"the shard set changed ({theirs.get('shards')} shards, {theirs.get('count')} "
-                f"samples, names {theirs.get('names')} -> {ours['shards']}, {ours['count']}, "
-                f"{ours['names']}): restore the shards"
+                f"its data changed ({describe_fingerprint(theirs)} -> "
+                f"{describe_fingerprint(ours)}): restore it"
             )
         elif state.get("seed") != self.seed:
             why = f"seed {state.get('seed')} -> {self.seed}: resume with seed={state.get('seed')}"
