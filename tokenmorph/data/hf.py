@@ -28,14 +28,21 @@ log = logging.getLogger(__name__)
 _EVAL_SPLITS = ("validation", "val", "test")
 
 
-def _load(path: Path):
-    """The data set (or dict of splits) stored at ``path``, from local files only."""
+def _datasets():
+    """The ``datasets`` module, or ``DataError`` naming the extra that installs it."""
     try:
         import datasets
     except ImportError:
         raise DataError(
-            "data source hfds: needs the datasets package: pip install 'tokenmorph[data]'"
+            "data sources hfds: and hfids: need the datasets package: pip install "
+            "'tokenmorph[data]'"
         ) from None
+    return datasets
+
+
+def _load(path: Path):
+    """The data set (or dict of splits) stored at ``path``, from local files only."""
+    datasets = _datasets()
     if not path.exists():
         raise DataError(f"data source hfds:{path} does not exist; pass a save_to_disk folder")
     try:
@@ -70,7 +77,7 @@ class HFImages(Dataset):
     ):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error={on_error!r}: use 'skip' or 'raise'")
-        import datasets
+        datasets = _datasets()
 
         self.root = Path(path).expanduser()
         data = _load(self.root)
@@ -170,8 +177,8 @@ class HFStream:
     position is the number of samples it consumed. A sample is identified by its place in its
     process's stream (``k x processes + rank``: the rows have no index here). Resuming reads
     (without decoding) the consumed rows again to reach the position: datasets' own
-    ``state_dict`` does not keep its shuffle buffer. Needs the row count (its info's, else one
-    pass over the label column at start).
+    ``state_dict`` does not keep its shuffle buffer. Its length: a saved data set's row count,
+    else the rows counted by one pass at start (the label column only, when there is one).
     """
 
     streaming = True
@@ -184,7 +191,9 @@ class HFStream:
         on_error: str = "skip",
         buffer: int = 1000,
     ):
-        import datasets
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error={on_error!r}: use 'skip' or 'raise'")
+        datasets = _datasets()
 
         self.root = Path(path).expanduser()
         source = f"hfids:{path}"
