@@ -133,6 +133,13 @@ def test_bench_pretrain_json_small():
         "optimizer",
     }
     assert r["model_flops_per_step"] > 0 and 0 < r["fraction_of_peak"] < 2
+    assert sum(r["phases_flops"].values()) == r["model_flops_per_step"]
+    assert set(r["phases_fraction_of_peak"]) == set(r["phases_s"])
+    assert r["peak_ratio_vs_fp32"] > 0 and r["attention"]["kernel"] in ("sdpa", "explicit")
+    assert r["attention"]["fastest"] in ("sdpa", "explicit") and r["attention"]["sdpa_s"] > 0
+    assert r["speedup_vs_release_over_peak_ratio"] == pytest.approx(
+        r["speedup_vs_release"] / r["peak_ratio_vs_fp32"]
+    )
     assert r["baseline"]["images_per_second"] > 0 and r["speedup_vs_release"] > 0
     # the release's work: fp32 on a CPU (its torch.cuda.amp.autocast does nothing there), fp16 on
     # CUDA; fused teacher attention, explicit student attention with both position tables

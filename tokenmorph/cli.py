@@ -77,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .runtime.run_folder import set_command_line
 
         set_command_line(["tokenmorph", *argv])
+    from .runtime.host import tune_host_allocator
+
+    tune_host_allocator()  # every command: evaluation and benchmarks allocate as training does
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # output piped into e.g. `head`: not an error

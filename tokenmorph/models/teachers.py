@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import TeacherError
 from ..ops.patches import PIXEL_NORMS, patch_norm_stats, patchify, resize
@@ -139,6 +140,40 @@ class Teacher(nn.Module):
         """Normalised images (B, 3, S, S) -> backbone feature map (B, dim, h, w)."""
         raise NotImplementedError
 
+    # images per backbone call on a CPU (None: the whole batch); a convolutional teacher's early
+    # feature maps then stay in the cache (EfficientNetLiteTeacher)
+    cpu_chunk: int | None = None
+    _channels_last = False  # set by prepare_for_inference
+    _weights_dtype: torch.dtype | None = None
+
+    def prepare_for_inference(self) -> Teacher:
+        """Make the frozen backbone faster for the same function (called by
+        :func:`build_teacher` once the device and ``amp`` are set): :meth:`fold` (subclasses:
+        BatchNorm into the convolution before it), channels-last memory for a convolutional
+        backbone, and with ``amp`` the weights of every linear and convolution layer stored at
+        ``amp_dtype``: the numbers autocast would cast them to at every call, so the targets
+        stay as they were (``tests/test_teachers.py``). Returns ``self``."""
+        if self.backbone is None:
+            return self
+        self.fold()
+        convs = [m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)]
+        self._channels_last = len(convs) > 1  # a ViT's patch embedding alone gains nothing
+        if self._channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        if self.amp:
+            for m in self.backbone.modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d)):
+                    m.to(self.amp_dtype)
+            self._weights_dtype = self.amp_dtype
+        return self
+
+    def fold(self) -> None:
+        """Merge inference-time layers into the ones before them (default: nothing)."""
+
+    def compile_features(self) -> None:
+        """``torch.compile`` :meth:`features` (the backbone's part of :meth:`forward`)."""
+        self.features = torch.compile(self.features)
+
     def forward(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1] -> targets (B, grid[0] * grid[1], dim), float32.
 
@@ -148,15 +183,32 @@ class Teacher(nn.Module):
         normal tensor (not an inference tensor), so it can enter autograd graphs as a constant
         target."""
         images = _check_images(images)
+        if self._weights_dtype is not None and not (
+            self.amp and self.amp_dtype == self._weights_dtype
+        ):
+            raise TeacherError(
+                f"teacher {self.name} was prepared with {self._weights_dtype} weights for "
+                f"autocast; build it with amp=False (build_teacher) for {self._dtype_name()} "
+                "targets"
+            )
         with torch.inference_mode():
             if self.input_size is not None:
                 images = resize(images, (self.input_size, self.input_size))
             x = (images - self._mean) / self._std
+            if self._channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            chunk = self.cpu_chunk if x.device.type == "cpu" else None
             with torch.autocast(images.device.type, dtype=self.amp_dtype, enabled=self.amp):
-                feats = self.features(x)
+                if chunk and x.shape[0] > chunk:
+                    feats = torch.cat([self.features(c) for c in x.split(chunk)])
+                else:
+                    feats = self.features(x)
             tokens = resample_tokens(feats.float(), tuple(grid))
         # cloned outside inference mode: a normal tensor that autograd accepts
         return tokens.clone(memory_format=torch.contiguous_format)
+
+    def _dtype_name(self) -> str:
+        return str(self.amp_dtype).removeprefix("torch.") if self.amp else "float32"
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, dim={self.dim}, input_size={self.input_size}, amp={self.amp}"
@@ -234,6 +286,27 @@ class EfficientNetLiteTeacher(Teacher):
     block); the later blocks and the classifier are kept in ``backbone`` but never run."""
 
     LAST_BLOCK = 10
+    # measured at 128 px, batch 128, bf16, 2 cores: 1.25x faster than the whole batch at once
+    cpu_chunk = 32
+
+    def fold(self) -> None:
+        """Each BatchNorm into the convolution before it (eval mode: a fixed affine map per
+        channel, so the function is the same up to float rounding; one pass over the feature
+        map less per layer)."""
+        m = self.backbone
+        m._conv_stem, m._bn0 = fuse_conv_bn_eval(m._conv_stem, m._bn0), nn.Identity()
+        for block in m._blocks:
+            pairs = [
+                ("_expand_conv", "_bn0"),
+                ("_depthwise_conv", "_bn1"),
+                ("_project_conv", "_bn2"),
+            ]
+            for conv, bn in pairs:
+                if hasattr(block, conv) and isinstance(getattr(block, bn), nn.BatchNorm2d):
+                    setattr(
+                        block, conv, fuse_conv_bn_eval(getattr(block, conv), getattr(block, bn))
+                    )
+                    setattr(block, bn, nn.Identity())
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         m = self.backbone
@@ -583,7 +656,7 @@ def build_teacher(
             **kwargs,
         )
     teacher.amp, teacher.amp_dtype = amp, amp_dtype
-    return teacher.to(device)
+    return teacher.to(device).prepare_for_inference()
 
 
 def describe_teachers() -> str:

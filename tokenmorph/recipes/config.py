@@ -25,6 +25,7 @@ import yaml
 from ..data.transforms import INTERPOLATIONS
 from ..errors import ConfigError
 from ..models.arch import DECODER_PRESETS, FRAMEWORKS, REL_POS, STUDENT_SIZES
+from ..models.attention import ATTENTION_KERNELS
 from ..models.layouts import REL_POS_INITS
 from ..models.segmentation import CLASSIFIER_INITS, REL_POS_RESIZE
 from ..models.student import STUDENT_INITS
@@ -200,6 +201,24 @@ class EngineConfig:
     grad_checkpointing: bool = field(
         default=False,
         metadata=dict(resume=FREE, doc="recompute activations in backward (saves memory)"),
+    )
+    attention: str = field(
+        default="auto",
+        metadata=dict(
+            resume=FREE,
+            doc="attention kernel of the model's (and teacher's) timm layers: sdpa, explicit, or "
+            "auto (SDPA on CUDA and in fp32; explicit under bf16/fp16 on a CPU, where it is "
+            "faster)",
+            choices=ATTENTION_KERNELS,
+        ),
+    )
+    compile: bool = field(
+        default=False,
+        metadata=dict(
+            resume=FREE,
+            doc="torch.compile the model (and a pre-training teacher's backbone): a slower "
+            "start for faster steps (README, Benchmarks)",
+        ),
     )
     name: str = field(
         default="run", metadata=dict(resume=FREE, doc="run name (set from the config file name)")

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import CheckpointError, ConfigError, DataError, TokenmorphError, TrainingError
+from ..models.attention import resolve_attention, set_attention
 from .checkpoints import (
     CHECKPOINT_FORMAT,
     atomic_save,
@@ -37,6 +38,7 @@ from .checkpoints import (
     prune_checkpoints,
 )
 from .distributed import DistInfo, all_reduce_sums, barrier, is_peer_failure
+from .host import tune_host_allocator
 from .optim import OptimizerStep
 from .precision import autocast, autocast_dtype, bf16_warning
 from .run_logger import RunLogger
@@ -114,7 +116,7 @@ class Engine:
             gradient at every step: DDP needs no per-step search for unused ones).
         monitor: ``monitor(model) -> dict`` of numbers (e.g. :class:`~.monitor.KnnMonitor`),
             run on the main process at the start of a fresh run, every ``monitor_every`` steps
-            and at the last step, while the other processes wait at a barrier; it must leave
+            and at the last step, while the other processes wait in a collective; it must leave
             the model and the random generators as they were, so the training is the same with
             it or without it.
     """
@@ -168,7 +170,15 @@ class Engine:
         self.lr = self.optim.lr
         self.autocast_dtype = autocast_dtype(cfg.precision)
         _freeze_unused(model, tuple(unused))
+        tune_host_allocator()
+        # a rule of the device and precision, so a resume runs the same kernel
+        self.attention = resolve_attention(
+            cfg.attention, dist_info.device.type, self.autocast_dtype
+        )
+        set_attention(model, self.attention)
         self.ddp_model = _ddp(model, dist_info) if dist_info.distributed else model
+        if cfg.compile:  # checkpoints keep self.model's (uncompiled) names
+            self.ddp_model = torch.compile(self.ddp_model)
         self.log = RunLogger(
             self.run_dir,
             dist_info.is_main,
@@ -328,7 +338,7 @@ class Engine:
         """Forward and backward over the step's ``accum_steps`` micro-batches; returns (mean
         loss, images, skipped images) of this rank."""
         cfg = self.cfg
-        loss_sum, images, skipped = 0.0, 0, 0
+        loss_sum, images, skipped = torch.zeros((), device=self.dist.device), 0, 0
         for a in range(cfg.accum_steps):
             batch = next(micro_batches)
             if "error" in batch:  # a sample failed to load with on_bad_image=raise
@@ -350,10 +360,10 @@ class Engine:
                     with autocast(self.dist.device.type, self.autocast_dtype):
                         loss, logs = self.step_fn(self.ddp_model, batch, self.step)
                 self.optim.backward(loss, cfg.accum_steps)
-            loss_sum += float(loss.detach()) / cfg.accum_steps
+            loss_sum += loss.detach().float() / cfg.accum_steps  # no host sync per micro-batch
             images += batch["images"].shape[0]
             self.log.add_logs(logs, 1.0 / cfg.accum_steps)
-        return loss_sum, images, skipped
+        return float(loss_sum), images, skipped
 
     def train_step(self, micro_batches, last_good: Path | None) -> StepResult:
         """One optimiser step over the next ``accum_steps`` micro-batches of ``micro_batches``.
@@ -451,15 +461,30 @@ class Engine:
         return self._summary(start_step, last_loss, final)
 
     def _run_monitor(self) -> None:
-        """The monitor on the main process (logged), the others waiting at a barrier."""
+        """The monitor on the main process (logged), the others waiting in a collective that also
+        tells them when it failed."""
         if self.monitor is None:
             return
+        error = None
         if self.dist.is_main:
-            values = self.monitor(self.model)
-            self.monitor_seconds += values.get("knn_seconds", 0.0)
-            self.last_monitor = values
-            self.log.monitor(self.step, values)
-        barrier(self.dist)
+            try:
+                values = self.monitor(self.model)
+            except Exception as e:  # re-raised below, once the other ranks know
+                error = e
+            else:
+                self.monitor_seconds += values.get("knn_seconds", 0.0)
+                self.last_monitor = values
+                self.log.monitor(self.step, values)
+        # instead of a barrier: a monitor that failed on the main process stops every rank here
+        # (they would otherwise wait in the next step's collectives)
+        (failed,) = all_reduce_sums(self.dist, [0.0 if error is None else 1.0])
+        if error is not None:
+            raise error
+        if failed:
+            raise TrainingError(
+                f"the k-NN monitor failed on the main process at step {self.step}; its error is "
+                "in that process's output"
+            )
 
     def _guarded_step(self, micro_batches, last_good: Path | None) -> StepResult:
         """:meth:`train_step`, with a collective that failed because another process died turned

@@ -100,7 +100,7 @@ def _keyed_item(load: Callable, seed: int, epoch: int, index: int, position, ext
     """``load()`` with every RNG seeded from (seed, epoch, index), as :class:`KeyedDataset`'s
     items: ``(image, label, extra, position)``, None (skipped) or a :class:`LoadFailure`."""
     s = mix_seed(seed, epoch, index)
-    seed_all(s)
+    seed_all(s, accelerators=False)  # samples are augmented on the CPU
     try:
         item = load()
     except TokenmorphError as e:
