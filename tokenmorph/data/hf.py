@@ -12,7 +12,6 @@ resume.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,10 +19,10 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .images import decode_rgb, open_rgb
+from .shards import load_sample
 
 __all__ = ["HFImages", "HFStream"]
 
-log = logging.getLogger(__name__)
 
 _EVAL_SPLITS = ("validation", "val", "test")
 
@@ -148,21 +147,15 @@ def _decode(cell, label: int, what: str, transform, on_error: str):
     ``bytes``, else its ``path``); None (skipped, logged) or ``DataError`` when it does not
     decode."""
     cell = cell or {}
-    try:
+
+    def read():
         if cell.get("bytes") is not None:
-            image = decode_rgb(cell["bytes"], what)
-        elif cell.get("path"):
-            image = open_rgb(Path(cell["path"]))
-        else:
-            raise DataError(f"cannot decode image {what}: the row has no image")
-    except (DataError, OSError) as e:
-        if on_error == "raise":
-            raise DataError(str(e)) from None
-        log.warning("skipping %s", e)
-        return None
-    if transform is not None:
-        image = transform(image)
-    return image, label
+            return decode_rgb(cell["bytes"], what)
+        if cell.get("path"):
+            return open_rgb(Path(cell["path"]))
+        raise DataError(f"cannot decode image {what}: the row has no image")
+
+    return load_sample(read, label, transform, on_error)
 
 
 class HFStream:

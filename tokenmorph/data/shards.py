@@ -41,6 +41,7 @@ __all__ = [
     "IMAGE_KEYS",
     "TarShards",
     "is_shard_folder",
+    "load_sample",
     "read_split",
     "shard_split",
     "write_shards",
@@ -297,18 +298,26 @@ class TarShards(Dataset):
     def __getitem__(self, index: int):
         shard, offset, size = (int(a[index]) for a in (self._shard, self._offset, self._size))
         what = f"{self.shards[shard].name} sample {int(self._member[index])}"
-        try:
+
+        def read():
             if offset < 0:
                 raise DataError(f"cannot decode image {what}: the sample has no image member")
             with open(self.shards[shard], "rb") as f:
                 f.seek(offset)
-                data = f.read(size)
-            image = decode_rgb(data, what)
-        except (DataError, OSError) as e:
-            if self.on_error == "raise":
-                raise DataError(str(e)) from None
-            log.warning("skipping %s", e)
-            return None
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.targets[index]
+                return decode_rgb(f.read(size), what)
+
+        return load_sample(read, self.targets[index], self.transform, self.on_error)
+
+
+def load_sample(read: Callable, label: int, transform: Callable | None, on_error: str):
+    """``(transform(read()), label)``, where ``read()`` decodes one sample's image; a sample
+    whose ``read`` raises ``DataError`` or ``OSError`` is ``None`` (``on_error="skip"``:
+    logged, and dropped and counted by ``collate_skip``) or one ``DataError`` (``"raise"``)."""
+    try:
+        image = read()
+    except (DataError, OSError) as e:
+        if on_error == "raise":
+            raise DataError(str(e)) from None
+        log.warning("skipping %s", e)
+        return None
+    return (transform(image) if transform is not None else image), label

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,11 +37,10 @@ import torch
 
 from ..errors import DataError
 from .images import decode_rgb
-from .shards import SHARD_INFO, TarShards, read_split, shard_split
+from .shards import SHARD_INFO, TarShards, load_sample, read_split, shard_split
 
 __all__ = ["ShardStream", "shard_order", "stream_seed"]
 
-log = logging.getLogger(__name__)
 
 _ORDER_SALT = 0x3D5  # the shard order's own seed stream (the map-style order uses another)
 
@@ -220,24 +218,18 @@ class ShardStream:
         does not decode (``on_error="skip"``, logged) or ``DataError`` (``"raise"``)."""
         offset, size, _, label = (int(v) for v in self._index(shard)[place])
         what = f"{self.shards[shard].name} sample {place}"
-        try:
+
+        def read():
             if offset < 0:
                 raise DataError(f"cannot decode image {what}: the sample has no image member")
-            if self._file is None or self._file[0] != shard:
+            if self._file is None or self._file[0] != shard:  # one open shard per worker
                 if self._file is not None:
                     self._file[1].close()
                 self._file = (shard, open(self.shards[shard], "rb"))
-            f = self._file[1]
-            f.seek(offset)
-            image = decode_rgb(f.read(size), what)
-        except (DataError, OSError) as e:
-            if self.on_error == "raise":
-                raise DataError(str(e)) from None
-            log.warning("skipping %s", e)
-            return None
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, label
+            self._file[1].seek(offset)
+            return decode_rgb(self._file[1].read(size), what)
+
+        return load_sample(read, label, self.transform, self.on_error)
 
     def indexed(self, labels: str = "auto") -> TarShards:
         """The same shards as a random-access data set (evaluation reads every sample once, in
