@@ -22,15 +22,20 @@ teacher targets. A run folder is resumed
 automatically: rerun the same command after an interruption. Multi-process: torchrun
 --nproc_per_node N -m tokenmorph pretrain ... (gloo on CPU, NCCL on GPU; multi-node with
 torchrun's --nnodes/--rdzv-* flags), or on SLURM srun alone, one task per GPU (its SLURM_*
-variables are read; docs/cluster.md). --data also takes a folder of WebDataset shards
-(tokenmorph data shards). Start from published weights with init_from=SOURCE (a
-tokenmorph checkpoint, run folder or export, an official MAE or DTM release checkpoint, timm:NAME,
-local-dir:DIR; init_strict=false loads what fits); follow representation quality with the k-NN
-monitor (monitor_every=N, monitor_data, monitor_limit, monitor_bank); log to
+variables are read; docs/cluster.md). --data takes a folder of images, fashion-mnist[:DIR], a
+folder of WebDataset shards (tokenmorph data shards; read by index), wds:DIR_OR_PATTERN
+(WebDataset .tar shards read as a stream, e.g. 'wds:/data/in1k-train-{000000..000127}.tar'; its
+position is saved in every checkpoint: a resume repeats and skips no sample), hfds:PATH (a
+local Hugging Face data set: a save_to_disk folder, parquet) or hfids:PATH (the same streamed,
+with a saved position too). Start from published weights with
+init_from=SOURCE (a tokenmorph checkpoint, run folder or export, an official MAE or DTM release
+checkpoint, timm:NAME, local-dir:DIR; init_strict=false loads what fits); follow representation
+quality with the k-NN monitor (monitor_every=N, monitor_data, monitor_limit, monitor_bank); log to
 loggers=tensorboard,csv,wandb. Every key: --list-keys.
 
 examples:
   tokenmorph pretrain --config smoke --data DIR --output-dir OUT --max-steps 8
+  tokenmorph pretrain --config smoke --data wds:SHARDS --output-dir OUT --max-steps 8
   tokenmorph pretrain --config demo
   tokenmorph pretrain --config vit-b16-in1k --data /data/imagenet/train batch_size=2048 lr=3e-4
   tokenmorph pretrain --config mae-zoom-in-mask-demo
@@ -45,7 +50,10 @@ examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, "pretrain")
     parser.add_argument(
-        "--data", help="training data: a folder of images (flat or class tree), or fashion-mnist"
+        "--data",
+        help="training data: a folder of images (flat or class tree), fashion-mnist[:DIR], a "
+        "shard folder, wds:DIR_OR_PATTERN (a stream of .tar shards), hfds:PATH (a local Hugging "
+        "Face data set) or hfids:PATH (streamed)",
     )
 
 

@@ -5,6 +5,10 @@ batching.
   ``skimage:NAME``, ``fashion-mnist:N`` -> tensor), the scikit-image sample photos.
 * :mod:`.fashion_mnist`: :class:`FashionMNIST` from its idx files.
 * :mod:`.folders`: :class:`ImageFiles`, every image under a folder or an ImageFolder tree.
+* :mod:`.shards`: WebDataset tar shards, written (``tokenmorph data shards``) and read by index.
+* :mod:`.stream`: :class:`~.stream.ShardStream`, shards read as a stream (``wds:``) with a
+  resumable position.
+* :mod:`.hf`: :class:`~.hf.HFImages`, a local Hugging Face data set (``hfds:``).
 * :mod:`.sources`: :func:`build_dataset` by name or path, :func:`dataset_stats`.
 * :mod:`.fingerprint`: :func:`data_fingerprint`, what tells that a run's data changed.
 * :mod:`.transforms`: :func:`pretrain_transform`, :func:`eval_transform`.

@@ -7,6 +7,11 @@ start and a resume (files added, removed, renamed or rewritten).
 * Fashion-MNIST: the image count, the split, and a hash of every image and label;
 * WebDataset shards: the sample count, a hash of the shard names and sizes, and a hash of the
   index (every sample's offset, size and label);
+* WebDataset shards read as a stream (``wds:``): the sample and shard counts, a hash of every
+  shard's name, size and sample count;
+* a Hugging Face data set (``hfds:``; ``hfids:`` likewise, or a hash of its files' names and
+  sizes when ``datasets`` has no fingerprint of them): the row count, the split and datasets' own
+  fingerprint of the stored data;
 * any other data set: its class name and length.
 
 Hashes are the first 16 hex digits of SHA-256.
@@ -20,6 +25,7 @@ from torch.utils.data import Dataset
 
 from .fashion_mnist import FashionMNIST
 from .folders import ImageFiles
+from .hf import HFImages
 from .shards import TarShards
 
 __all__ = ["SAMPLED_FILES", "data_fingerprint", "describe_fingerprint"]
@@ -78,6 +84,11 @@ def data_fingerprint(dataset: Dataset) -> dict:
         return _fashion_mnist_fingerprint(dataset)
     if isinstance(dataset, TarShards):
         return _shards_fingerprint(dataset)
+    if getattr(dataset, "streaming", False):  # wds:, hfids: (their own)
+        return dataset.fingerprint()
+    if isinstance(dataset, HFImages):
+        kind = f"hfds {dataset.split}"
+        return {"kind": kind, "count": len(dataset), "sample": dataset.hf_fingerprint}
     return {"kind": type(dataset).__name__, "count": len(dataset)}
 
 

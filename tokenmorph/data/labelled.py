@@ -16,7 +16,7 @@ from .collate import seeded_subset
 from .fashion_mnist import FashionMNIST
 from .folders import IMAGE_EXTENSIONS, ImageFiles
 from .images import open_rgb
-from .shards import TarShards, is_shard_folder
+from .shards import is_shard_folder
 from .sources import build_dataset
 from .transforms import default_crop_pct, eval_transform
 
@@ -46,7 +46,7 @@ def _short_side(dataset: Dataset, tries: int = 100) -> int:
     its files that decodes (undecodable ones are skipped, as the extraction skips them)."""
     if isinstance(dataset, FashionMNIST):
         return min(dataset.data.shape[1:])
-    if isinstance(dataset, TarShards):  # no transform yet: items are PIL images (None: skipped)
+    if not isinstance(dataset, ImageFiles):  # shards, hfds: items are PIL images (None: skipped)
         items = (dataset[i] for i in range(min(tries, len(dataset))))
         sides = (min(item[0].size) for item in items if item is not None)
         side = next(sides, None)
@@ -62,6 +62,11 @@ def _short_side(dataset: Dataset, tries: int = 100) -> int:
         f"none of the first {min(tries, len(dataset.files))} images under {dataset.root} "
         "decodes; check the evaluation data"
     )
+
+
+def _is_source(spec: str) -> bool:
+    """Whether ``spec`` names a source with a prefix (``wds:``, ``hfds:``) that holds splits."""
+    return spec.partition(":")[0].strip().lower() in ("wds", "hfds", "hfids") and ":" in spec
 
 
 def _check_labelled_tree(flag: str, root: Path) -> None:
@@ -83,15 +88,17 @@ def _check_labelled_tree(flag: str, root: Path) -> None:
 
 
 def _labelled(flag: str, root: str, train: bool):
-    """The labelled data set of ``--train``/``--val``/``--dataset`` ``root``: a shard folder's
-    split (``train``, or its evaluation split), or an ImageFolder tree."""
+    """The labelled data set of ``--train``/``--val``/``--dataset`` ``root``: a shard folder's,
+    ``wds:`` shards' or ``hfds:`` data set's split (``train``, or its evaluation split), or an
+    ImageFolder tree."""
     path = Path(root).expanduser()
-    if is_shard_folder(path):
-        ds = build_dataset(str(path), train=train)
+    if _is_source(root) or is_shard_folder(path):
+        ds = build_dataset(root if _is_source(root) else str(path), train=train)
         if min(ds.targets, default=-1) < 0:
             raise DataError(
                 f"{flag} {root}: its {ds.split} split has unlabelled samples; evaluation needs "
-                "shards written from an ImageFolder tree or Fashion-MNIST"
+                "labelled data (shards written from an ImageFolder tree or Fashion-MNIST, a "
+                "label column)"
             )
         return ds
     _check_labelled_tree(flag, path)
@@ -112,16 +119,17 @@ def build_eval_datasets(args: EvalData, img_size: int) -> tuple[Dataset, Dataset
     """
     if args.dataset and (args.train or args.val):
         raise DataError("give either --dataset or --train DIR --val DIR, not both")
-    if args.dataset and is_shard_folder(Path(args.dataset).expanduser()):
+    if args.dataset and (
+        _is_source(args.dataset) or is_shard_folder(Path(args.dataset).expanduser())
+    ):
         train_ds, val_ds = (_labelled("--dataset", args.dataset, t) for t in (True, False))
     elif args.dataset:
         name, _, folder = args.dataset.partition(":")
         if name.strip().lower() != "fashion-mnist":
             raise DataError(
-                f"--dataset {args.dataset!r}: only fashion-mnist[:DIR] and shard folders "
-                "(tokenmorph "
-                "data shards) are data sets; for other data pass --train DIR --val DIR "
-                "(ImageFolder trees)"
+                f"--dataset {args.dataset!r}: only fashion-mnist[:DIR], shard folders "
+                "(tokenmorph data shards), wds:SHARDS and hfds:PATH hold both splits; for "
+                "other data pass --train DIR --val DIR (ImageFolder trees)"
             )
         train_ds, val_ds = (FashionMNIST(folder or None, train=split) for split in (True, False))
     elif args.train and args.val:

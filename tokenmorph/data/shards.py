@@ -36,7 +36,16 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from .images import decode_rgb
 
-__all__ = ["SHARD_INFO", "IMAGE_KEYS", "TarShards", "is_shard_folder", "write_shards"]
+__all__ = [
+    "SHARD_INFO",
+    "IMAGE_KEYS",
+    "TarShards",
+    "is_shard_folder",
+    "load_sample",
+    "read_split",
+    "shard_split",
+    "write_shards",
+]
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +168,34 @@ def array_samples(images, labels) -> Iterator[tuple[bytes, str, int]]:
         yield buf.getvalue(), "png", int(label)
 
 
+def shard_split(root: Path, train: bool) -> str:
+    """The split of a shard folder a run reads: ``train``, or the first evaluation split it has
+    (``validation``, ``val``, ``test``)."""
+    if train:
+        return "train"
+    splits = json.loads((root / SHARD_INFO).read_text()).get("splits", {})
+    return next((s for s in ("validation", "val", "test") if s in splits), "validation")
+
+
+def read_split(root: Path, split: str) -> dict:
+    """The ``_info.json`` entry of ``split`` in the shard folder ``root``; ``DataError`` when
+    there is none."""
+    try:
+        info = json.loads((root / SHARD_INFO).read_text())
+        splits = info["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(
+            f"{root / SHARD_INFO} is not a shard index ({type(e).__name__}: {e}); "
+            "write the shards with tokenmorph data shards"
+        ) from None
+    if split not in splits:
+        raise DataError(
+            f"{root} has no split {split!r} (it has {', '.join(sorted(splits))}); "
+            "write it with tokenmorph data shards --split"
+        )
+    return splits[split]
+
+
 class TarShards(Dataset):
     """The samples of one split of a shard folder (:func:`write_shards`'s layout), random access.
 
@@ -178,24 +215,13 @@ class TarShards(Dataset):
         transform: Callable | None = None,
         on_error: str = "skip",
         labels: str = "auto",
+        entry: dict | None = None,
     ):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error={on_error!r}: use 'skip' or 'raise'")
         self.root = Path(root).expanduser()
-        try:
-            info = json.loads((self.root / SHARD_INFO).read_text())
-            splits = info["splits"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(
-                f"{self.root / SHARD_INFO} is not a shard index ({type(e).__name__}: {e}); "
-                "write the shards with tokenmorph data shards"
-            ) from None
-        if split not in splits:
-            raise DataError(
-                f"{self.root} has no split {split!r} (it has {', '.join(sorted(splits))}); "
-                "write it with tokenmorph data shards --split"
-            )
-        entry = splits[split]
+        if entry is None:  # else the shards are given (``filenames``: paths), as by wds:
+            entry = read_split(self.root, split)
         self.split, self.classes = split, list(entry.get("classes", []))
         self.shards = [self.root / f for f in entry["filenames"]]
         self.transform, self.on_error = transform, on_error
@@ -273,20 +299,32 @@ class TarShards(Dataset):
     def __getitem__(self, index: int):
         shard, offset, size = (int(a[index]) for a in (self._shard, self._offset, self._size))
         what = f"{self.shards[shard].name} sample {int(self._member[index])}"
-        try:
+
+        def read_bytes():
             if offset < 0:
                 raise DataError(f"cannot decode image {what}: the sample has no image member")
             with open(self.shards[shard], "rb") as f:
                 f.seek(offset)
-                data = f.read(size)
-            if getattr(self.transform, "reads_bytes", False):  # decoded later (decode=device)
-                return self.transform.from_bytes(data, what), self.targets[index]
-            image = decode_rgb(data, what)
-        except (DataError, OSError) as e:
-            if self.on_error == "raise":
-                raise DataError(str(e)) from None
-            log.warning("skipping %s", e)
-            return None
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.targets[index]
+                return f.read(size)
+
+        label = self.targets[index]
+        if getattr(self.transform, "reads_bytes", False):  # decoded later (decode=device)
+            encoded = lambda: self.transform.from_bytes(read_bytes(), what)
+            return load_sample(encoded, label, None, self.on_error)
+        return load_sample(
+            lambda: decode_rgb(read_bytes(), what), label, self.transform, self.on_error
+        )
+
+
+def load_sample(read: Callable, label: int, transform: Callable | None, on_error: str):
+    """``(transform(read()), label)``, where ``read()`` decodes one sample's image; a sample
+    whose ``read`` raises ``DataError`` or ``OSError`` is ``None`` (``on_error="skip"``:
+    logged, and dropped and counted by ``collate_skip``) or one ``DataError`` (``"raise"``)."""
+    try:
+        image = read()
+    except (DataError, OSError) as e:
+        if on_error == "raise":
+            raise DataError(str(e)) from None
+        log.warning("skipping %s", e)
+        return None
+    return (transform(image) if transform is not None else image), label

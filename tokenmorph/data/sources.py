@@ -1,9 +1,9 @@
-"""Data sets by name or path (``fashion-mnist[:DIR]``, a folder of images, or a folder of
-WebDataset shards) and their normalisation."""
+"""Data sets by name or path (``fashion-mnist[:DIR]``, a folder of images, a folder of
+WebDataset shards read by index, ``wds:`` shards read as a stream, ``hfds:`` a local Hugging Face
+data set) and their normalisation."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from .fashion_mnist import FashionMNIST, _fashion_mnist_in
 from .folders import ImageFiles
-from .shards import SHARD_INFO, TarShards, is_shard_folder
+from .shards import TarShards, is_shard_folder, shard_split
+from .stream import ShardStream
 
 __all__ = ["DATASET_STATS", "build_dataset", "data_folder", "dataset_stats", "source_kind"]
 
@@ -34,6 +35,8 @@ def _parse_source(source: str) -> tuple[str, Path | None]:
        files;
     ("images", folder) otherwise."""
     name, sep, rest = source.partition(":")
+    if name.strip().lower() in ("wds", "hfds", "hfids") and sep:
+        return name.strip().lower(), Path(rest).expanduser()
     if name.strip().lower() == "fashion-mnist":
         return "fashion-mnist", Path(rest).expanduser() if sep and rest else None
     path = Path(source).expanduser()
@@ -57,6 +60,7 @@ def build_dataset(
     labels: str = "auto",
     download: bool = False,
     exclude: tuple = (),
+    stream: bool = False,
 ) -> Dataset:
     """A data set by name or path.
 
@@ -66,13 +70,28 @@ def build_dataset(
     split; ``exclude`` names folders left out of its scan, e.g. a run folder inside it). A folder
     of WebDataset shards (``tokenmorph data shards``: its ``_info.json``) -> ``TarShards`` of its
     ``train`` split (``train=False``: ``validation``, ``val`` or ``test``, the first it has).
-    Raises ``DataError`` for a missing path or a folder without images.
+    ``"wds:DIR_OR_PATTERN"`` -> with ``stream`` (pre-training) a :class:`~.stream.ShardStream`
+    (WebDataset shards read as a stream, in a seeded order of whole shards; not indexable: the
+    run's loader reads it), without (evaluation, fine-tuning) the same shards by index;
+    ``"hfds:PATH"`` -> :class:`~.hf.HFImages` (a local Hugging Face data set, random access);
+    ``"hfids:PATH"`` -> with ``stream`` :class:`~.hf.HFStream` (the same read as a
+    ``datasets.IterableDataset``), without it by index. Raises ``DataError`` for a missing path
+    or a folder without images.
     """
     kind, path = _parse_source(source)
+    if kind == "wds":
+        shards = ShardStream(source.partition(":")[2], train, transform, on_error)
+        return shards if stream else shards.indexed(labels)
+    if kind in ("hfds", "hfids"):
+        from .hf import HFImages, HFStream  # imports datasets: only for these sources
+
+        if kind == "hfids" and stream:
+            return HFStream(path, train, transform, on_error)
+        return HFImages(path, train, transform, on_error, labels)
     if kind == "fashion-mnist":
         return FashionMNIST(path, train=train, transform=transform, download=download)
     if kind == "shards":
-        split = _shard_split(path, train)
+        split = shard_split(path, train)
         return TarShards(path, split, transform=transform, on_error=on_error, labels=labels)
     if not path.exists():
         raise DataError(
@@ -80,14 +99,6 @@ def build_dataset(
             f"pass one of those"
         )
     return ImageFiles(path, transform=transform, on_error=on_error, labels=labels, exclude=exclude)
-
-
-def _shard_split(path: Path, train: bool) -> str:
-    """The split of a shard folder a run reads: ``train``, or the first evaluation split."""
-    if train:
-        return "train"
-    splits = json.loads((path / SHARD_INFO).read_text()).get("splits", {})
-    return next((s for s in ("validation", "val", "test") if s in splits), "validation")
 
 
 def data_folder(source: str) -> Path | None:

@@ -486,7 +486,11 @@ class PretrainConfig(EngineConfig):
     # data
     data: str = field(
         default="fashion-mnist",
-        metadata=dict(resume=FREE, doc="folder of images (flat or class tree) or fashion-mnist"),
+        metadata=dict(
+            resume=FREE,
+            doc="folder of images (flat or class tree), fashion-mnist[:DIR], a shard folder, "
+            "wds:DIR_OR_PATTERN (.tar shards read as a stream) or hfds:PATH (local Hugging Face)",
+        ),
     )
     crop_scale_min: float = field(
         default=0.08, metadata=dict(doc="RandomResizedCrop smallest scale", min=0.0, max=1.0)

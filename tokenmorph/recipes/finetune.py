@@ -224,7 +224,9 @@ def build_datasets(cfg, img_size: int, mean, std, exclude=()):
         val = build_dataset(
             cfg.val_data, train=False, transform=eval_tf, labels="folders", exclude=exclude
         )
-    elif cfg.data.startswith("fashion-mnist") or is_shard_folder(Path(cfg.data).expanduser()):
+    elif cfg.data.startswith(("fashion-mnist", "wds:", "hfds:", "hfids:")) or is_shard_folder(
+        Path(cfg.data).expanduser()
+    ):
         val = build_dataset(cfg.data, train=False, transform=eval_tf, labels="folders")
     else:
         raise DataError(

@@ -14,7 +14,7 @@ from ..runtime.engine import Engine
 from ..runtime.precision import autocast_dtype
 from ..runtime.resume import FIXED, keys_of_kind
 from ..runtime.run_folder import RunFolder
-from ..runtime.sampling import KeyedDataset, check_batch_layout
+from ..runtime.sampling import check_batch_layout, keyed_data
 from ..runtime.seeding import mix_seed, seed_all
 from .config import PretrainConfig
 from .objectives import PretrainObjective, resolve_loss, view_side
@@ -106,6 +106,7 @@ def pretrain(cfg: PretrainConfig, dist_info: DistInfo | None = None) -> dict:
             on_error=cfg.on_bad_image,
             transform=_transform(cfg),
             exclude=(folder.path,),
+            stream=True,  # wds: read as a stream, its position saved in the checkpoints
         )
         done = folder.check_data(dataset)
         if done is not None:
@@ -159,7 +160,7 @@ def _build_engine(
         cfg,
         student,
         objective,
-        KeyedDataset(dataset, cfg.seed, extra_fn=objective.sample),
+        keyed_data(dataset, cfg.seed, extra_fn=objective.sample),
         run_dir,
         dist_info,
         kind="pretrain",

@@ -11,7 +11,8 @@ Exact resume: the data order and every sample's randomness are functions of (see
 (:mod:`.sampling`), the training RNG (drop path) is re-seeded from (seed, step, rank) at every
 step, and DTM's schedules are drawn from (seed, step, chunk of the global batch) by the
 objective. So a checkpoint needs only the step, the model and the optimiser state; no
-RNG state is saved.
+RNG state is saved. A streamed source (``data=wds:``) has no index to permute: its position (the
+samples each rank consumed, :class:`~.sampling.KeyedStream`) is saved too.
 """
 
 from __future__ import annotations
@@ -41,7 +42,15 @@ from .host import tune_host_allocator
 from .optim import OptimizerStep
 from .precision import autocast, autocast_dtype, bf16_warning
 from .run_logger import RunLogger
-from .sampling import KeyedDataset, StepBatchSampler, batch_to_device, collate_keyed
+from .sampling import (
+    KeyedDataset,
+    KeyedStream,
+    StepBatchSampler,
+    batch_to_device,
+    check_batch_layout,
+    collate_keyed,
+    steps_per_epoch,
+)
 from .seeding import mix_seed, seed_all
 
 __all__ = ["EMPTY_STEPS_LIMIT", "Engine", "StepResult", "total_steps_for"]
@@ -92,7 +101,8 @@ class Engine:
             optimised.
         step_fn: ``(model, batch, step) -> (loss, logs)``; batch is the dict of
             :func:`~.sampling.collate_keyed` with tensors on the device.
-        dataset: a :class:`~.sampling.KeyedDataset`.
+        dataset: a :class:`~.sampling.KeyedDataset`, or a :class:`~.sampling.KeyedStream` (a
+            streamed source: its position joins every checkpoint).
         run_dir: output folder (checkpoints/, metrics.jsonl, tb/).
         kind: checkpoint kind, checked on resume ("pretrain", "finetune").
         compat: values a resumed checkpoint must share (e.g. the target dimension); keys its
@@ -116,7 +126,7 @@ class Engine:
         cfg,
         model: nn.Module,
         step_fn: Callable,
-        dataset: KeyedDataset,
+        dataset: KeyedDataset | KeyedStream,
         run_dir: Path,
         dist_info: DistInfo,
         kind: str,
@@ -133,15 +143,24 @@ class Engine:
         self.extra_state = dict(extra_state or {})
         self.monitor, self.monitor_every = monitor, monitor_every
         self.monitor_seconds, self.last_monitor = 0.0, None
-        self.sampler = StepBatchSampler(
-            len(dataset),
-            cfg.batch_size,
-            cfg.accum_steps,
-            dist_info.rank,
-            dist_info.world_size,
-            cfg.seed,
-        )
-        self.steps_per_epoch = self.sampler.steps_per_epoch
+        # a streamed source: each rank's position is the samples it consumed (saved)
+        self.stream = dataset if isinstance(dataset, KeyedStream) else None
+        self.stream_consumed = 0
+        if self.stream is not None:
+            check_batch_layout(cfg.batch_size, cfg.accum_steps, dist_info.world_size)
+            self.stream.stream.check_processes(dist_info.world_size)
+            self.sampler = None
+            self.steps_per_epoch = steps_per_epoch(len(dataset), cfg.batch_size)
+        else:
+            self.sampler = StepBatchSampler(
+                len(dataset),
+                cfg.batch_size,
+                cfg.accum_steps,
+                dist_info.rank,
+                dist_info.world_size,
+                cfg.seed,
+            )
+            self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = total_steps_for(cfg, self.steps_per_epoch)
         if cfg.precision == "fp16" and dist_info.device.type != "cuda":
             raise ConfigError(
@@ -184,7 +203,7 @@ class Engine:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {
+        state = {
             "format": CHECKPOINT_FORMAT,
             "kind": self.kind,
             "compat": self.compat,
@@ -199,6 +218,11 @@ class Engine:
             **self.optim.state_dict(),
             **self.extra_state,
         }
+        if self.stream is not None:  # where every rank's stream goes on
+            state["data_position"] = self.stream.state_dict(
+                self.stream_consumed, self.dist.world_size
+            )
+        return state
 
     def save(self) -> Path | None:
         """Write this step's checkpoint (main process) and keep the newest ``keep_last`` readable
@@ -249,6 +273,10 @@ class Engine:
             raise CheckpointError(
                 f"{path}: its optimiser state does not fit this run ({_one_line(e)})"
             ) from None
+        if self.stream is not None:
+            self.stream_consumed = self.stream.load_state_dict(
+                ckpt.get("data_position"), self.dist.world_size, path
+            )
         self.step = ckpt["step"]
         self.images_seen = ckpt.get("images_seen", 0)
         self.skipped_images = ckpt.get("skipped_images", 0)
@@ -280,9 +308,24 @@ class Engine:
     # ------------------------------------------------------------------ one step
     def make_loader(self) -> DataLoader:
         cfg = self.cfg
+        if self.stream is not None:  # the stream yields whole micro-batches
+            micro = cfg.batch_size // cfg.accum_steps // self.dist.world_size
+            batches = (self.total_steps - self.step) * cfg.accum_steps
+            span = self.stream.span(
+                self.dist.rank,
+                self.dist.world_size,
+                micro,
+                cfg.accum_steps,
+                self.stream_consumed,
+                batches,
+            )
+            order = dict(batch_size=None)
+        else:
+            span = self.dataset
+            order = dict(batch_sampler=self.sampler.span(self.step, self.total_steps))
         return DataLoader(
-            self.dataset,
-            batch_sampler=self.sampler.span(self.step, self.total_steps),
+            span,
+            **order,
             num_workers=cfg.num_workers,
             collate_fn=collate_keyed,
             pin_memory=self.dist.device.type == "cuda",
@@ -357,6 +400,7 @@ class Engine:
             # the mean over the ranks that had images (one process with the same data: the same)
             grad_norm = self.optim.apply(self.dist.world_size / fed_ranks)
         self.step += 1
+        self.stream_consumed += self.cfg.batch_size // self.dist.world_size  # streams only
         mean_loss = float("nan") if bad or empty else loss_total / fed_ranks
         return StepResult(
             mean_loss, int(images), int(skipped), grad_norm, wd, bad, empty, stop=int(stop)

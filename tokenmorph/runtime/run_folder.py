@@ -243,6 +243,13 @@ class RunFolder:
         if self.checkpoint is None:
             return None
         old = self.checkpoint.get("data_fingerprint")
+        if old is not None and old != self.fingerprint and getattr(dataset, "streaming", False):
+            raise ConfigError(
+                f"the data of the stream data={self.cfg.data} changed since {self.checkpoint_path} "
+                f"({describe_fingerprint(old)} -> {describe_fingerprint(self.fingerprint)}): a "
+                "stream's position means other samples in other data, so it cannot resume (not "
+                "even with --apply-changes); restore the data or use another --output-dir"
+            )
         if old is not None and old != self.fingerprint:
             change = Change(
                 DATA_KEY, describe_fingerprint(old), describe_fingerprint(self.fingerprint), MEANING

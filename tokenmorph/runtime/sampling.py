@@ -14,24 +14,32 @@ of the global batch (``chunk_size`` images: DTM's schedules, the zoom-out offset
 weights) depends on that position, never on the rank or the micro-batch. So changing the number
 of processes keeps the same global batches, hence the same training where no per-rank randomness
 enters.
+
+A streamed source (``data=wds:``, :class:`KeyedStream`) has no index to permute: each rank reads
+its own endless stream (:class:`~tokenmorph.data.stream.ShardStream`), and its position is the
+number of samples it has consumed, saved in the checkpoint (:meth:`KeyedStream.state_dict`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import islice
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
-from ..data import collate_skip, to_unit_float
+from ..data import collate_skip, describe_fingerprint, to_unit_float
 from ..data.device_decode import EncodedImage, decode_batch
-from ..errors import ConfigError, DataError, TokenmorphError
+from ..errors import CheckpointError, ConfigError, DataError, TokenmorphError
 from .seeding import mix_seed, seed_all
 
 __all__ = [
     "check_batch_layout",
+    "steps_per_epoch",
     "KeyedDataset",
+    "KeyedStream",
+    "keyed_data",
     "LoadFailure",
     "collate_keyed",
     "batch_to_device",
@@ -46,6 +54,16 @@ def check_batch_layout(batch_size: int, accum_steps: int, world_size: int) -> No
             f"batch_size={batch_size} is not divisible by accum_steps x processes = "
             f"{accum_steps} x {world_size}; choose a multiple of {accum_steps * world_size}"
         )
+
+
+def steps_per_epoch(num_samples: int, global_batch: int) -> int:
+    """Whole global batches in an epoch; ``DataError`` for a data set smaller than one."""
+    if num_samples < global_batch:
+        raise DataError(
+            f"the data set has {num_samples} images, fewer than one global batch of "
+            f"{global_batch}; lower batch_size or add data"
+        )
+    return num_samples // global_batch
 
 
 class LoadFailure(str):
@@ -74,17 +92,132 @@ class KeyedDataset(Dataset):
     def __getitem__(self, key):
         index, epoch = key[0], key[1]
         position = key[2] if len(key) > 2 else None
-        s = mix_seed(self.seed, epoch, index)
-        seed_all(s, accelerators=False)  # samples are augmented on the CPU
-        try:
-            item = self.dataset[index]
-        except TokenmorphError as e:
-            return LoadFailure(str(e))
-        if item is None:
-            return None
-        image, label = item
-        extra = self.extra_fn(np.random.default_rng(s)) if self.extra_fn is not None else None
-        return image, label, extra, position
+        return _keyed_item(
+            lambda: self.dataset[index], self.seed, epoch, index, position, self.extra_fn
+        )
+
+
+def _keyed_item(load: Callable, seed: int, epoch: int, index: int, position, extra_fn):
+    """``load()`` with every RNG seeded from (seed, epoch, index), as :class:`KeyedDataset`'s
+    items: ``(image, label, extra, position)``, None (skipped) or a :class:`LoadFailure`."""
+    s = mix_seed(seed, epoch, index)
+    seed_all(s, accelerators=False)  # samples are augmented on the CPU
+    try:
+        item = load()
+    except TokenmorphError as e:
+        return LoadFailure(str(e))
+    if item is None:
+        return None
+    image, label = item
+    extra = extra_fn(np.random.default_rng(s)) if extra_fn is not None else None
+    return image, label, extra, position
+
+
+class KeyedStream(IterableDataset):
+    """A streamed source (``wds:`` :class:`~tokenmorph.data.stream.ShardStream`, ``hfids:``
+    :class:`~tokenmorph.data.hf.HFStream`) as the training loader reads it: each rank's stream
+    cut into micro-batches, every sample seeded by (seed, its stream epoch, its global index) as
+    :class:`KeyedDataset` seeds it.
+
+    :meth:`span` sets what one loader yields: this rank's micro-batches (lists of
+    :class:`KeyedDataset`-style items; the loader's ``batch_size=None``, ``collate_keyed``
+    stacks each) from its sample number ``start`` on. Step s of a rank takes the next
+    ``batch_size / world_size`` samples of its stream, ``accum_steps`` micro-batches of
+    consecutive samples; a sample's position in its global batch is ``rank x per-rank share +
+    its place in the rank's share``. DataLoader workers split the micro-batches, not the
+    shards: worker w of W yields micro-batches w, w + W, ... (the loader takes them round-robin,
+    so in order) and skips the others' samples without reading them, so the batches are the
+    same for any number of workers.
+    """
+
+    def __init__(self, stream, seed: int, extra_fn: Callable | None = None) -> None:
+        self.stream, self.seed, self.extra_fn = stream, seed, extra_fn
+        self._span = (0, 1, 1, 1, 0, 0)
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def span(
+        self, rank: int, world: int, micro: int, accum: int, start: int, batches: int
+    ) -> KeyedStream:
+        """This stream, set to yield ``batches`` micro-batches of ``micro`` samples (``accum``
+        of them a step) of rank ``rank`` of ``world``'s stream from its sample number
+        ``start`` (a step's first) on."""
+        self._span = (rank, world, micro, accum, start, batches)
+        return self
+
+    def state_dict(self, consumed: int, world: int) -> dict:
+        """The position to save after each rank consumed ``consumed`` samples: the rule's
+        inputs (seed, processes, consumed, the shard set) and, for reading, every rank's
+        position in shards (:meth:`~tokenmorph.data.stream.ShardStream.position`)."""
+        return {
+            "kind": "stream",
+            "seed": self.seed,
+            "processes": world,
+            "consumed": consumed,
+            "data": self.stream.fingerprint(),
+            "ranks": [self.stream.position(self.seed, r, world, consumed) for r in range(world)],
+        }
+
+    def load_state_dict(self, state: dict | None, world: int, where) -> int:
+        """The samples each rank consumed, from a checkpoint's :meth:`state_dict`;
+        ``CheckpointError`` (one line) when the stream cannot go on from it exactly: no
+        position saved, another shard set, seed or process count."""
+        if not state or state.get("kind") != "stream":
+            raise CheckpointError(
+                f"{where} has no stream position (written from another kind of source); "
+                "resume it with its own data source, or use another --output-dir"
+            )
+        theirs, ours = state.get("data", {}), self.stream.fingerprint()
+        why = None
+        if theirs != ours:
+            why = (
+                f"its data changed ({describe_fingerprint(theirs)} -> "
+                f"{describe_fingerprint(ours)}): restore it"
+            )
+        elif state.get("seed") != self.seed:
+            why = f"seed {state.get('seed')} -> {self.seed}: resume with seed={state.get('seed')}"
+        elif state.get("processes") != world:
+            why = (
+                f"it was read by {state.get('processes')} processes, this run has {world} (a "
+                f"stream is split by process): resume with {state.get('processes')} processes"
+            )
+        if why:
+            raise CheckpointError(
+                f"{where}: the stream position cannot be carried over: {why}, or use another "
+                "--output-dir"
+            )
+        return int(state["consumed"])
+
+    def __iter__(self):
+        rank, world, micro, accum, start, batches = self._span
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        items = self.stream.items(self.seed, rank, world, start)
+        share = micro * accum
+        for m in range(batches):
+            chunk = list(islice(items, micro))
+            if m % workers != worker:
+                continue
+            first = rank * share + (m % accum) * micro
+            yield [
+                _keyed_item(
+                    lambda s=s, p=p: self.stream.load(s, p),
+                    self.seed,
+                    epoch,
+                    index,
+                    first + j,
+                    self.extra_fn,
+                )
+                for j, (epoch, index, s, p) in enumerate(chunk)
+            ]
+
+
+def keyed_data(dataset, seed: int, extra_fn: Callable | None = None):
+    """A :class:`KeyedStream` for a streamed source, else a :class:`KeyedDataset`."""
+    if getattr(dataset, "streaming", False):
+        return KeyedStream(dataset, seed, extra_fn)
+    return KeyedDataset(dataset, seed, extra_fn)
 
 
 def collate_keyed(batch: list) -> dict:
@@ -188,13 +321,7 @@ class StepBatchSampler(Sampler):
         total_steps: int = 0,
     ) -> None:
         check_batch_layout(global_batch, accum_steps, world_size)
-        self.steps_per_epoch = num_samples // global_batch
-        if self.steps_per_epoch == 0:
-            raise DataError(
-                f"the data set has {num_samples} images, fewer than one global batch of "
-                f"{global_batch}; "
-                f"lower batch_size or add data"
-            )
+        self.steps_per_epoch = steps_per_epoch(num_samples, global_batch)
         self.n, self.global_batch, self.accum = num_samples, global_batch, accum_steps
         self.rank, self.world, self.seed = rank, world_size, seed
         self.start_step, self.total_steps = start_step, total_steps
