@@ -156,7 +156,6 @@ def test_csv_resume_reads_as_one_run(tmp_path, capsys):
     assert [r["loss"] for r in rows] == [str(r["loss"]) for r in read_metrics(out)]
 
 
-@pytest.mark.slow  # 9 s on an idle machine, 50-130 s on this busy one (W&B's service)
 def test_wandb_offline_run_is_written_and_resumed_under_the_same_id(tmp_path, capsys, monkeypatch):
     """W&B in offline mode (no network): the run folder gets one W&B run id, a resume logs to
     the same id, the offline run files hold the history of every step (read back with W&B's
