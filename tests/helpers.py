@@ -1,8 +1,11 @@
 """Helpers shared by the end-to-end tests."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -69,3 +72,21 @@ def last_json(out: str) -> dict:
         raise AssertionError(f"{text} in JSON output")
 
     return json.loads(out.strip().splitlines()[-1], parse_constant=no_nan)
+
+
+def sigterm_after(cmd, run_dir, lines: int, timeout: float = 300) -> tuple[int, str]:
+    """Start ``cmd`` (a training command writing into ``run_dir``) in its own process group, wait
+    until its metrics.jsonl has ``lines`` lines, send SIGTERM to the group (as a cluster's
+    scheduler does) and return (exit status, stderr)."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    metrics = Path(run_dir) / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < lines
+    ):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err

@@ -12,7 +12,7 @@ import torch
 
 from tokenmorph.models import create_student, timm_encoder_kwargs
 
-from .helpers import final_weights, read_metrics, run_cli, smoke_args
+from .helpers import final_weights, read_metrics, run_cli, sigterm_after, smoke_args
 
 
 def smoke(photo_dir, out, *extra, check=True):
@@ -169,8 +169,6 @@ def test_torchrun_two_processes_match_one(photo_dir, tmp_path):
 def test_sigterm_to_the_process_group_saves_and_resumes(photo_dir, tmp_path):
     """Preemption: SIGTERM to the whole group (workers too) ends the step, saves, exits 2; rerun
     resumes."""
-    import signal
-    import time
 
     out = tmp_path / "run"
     cmd = [
@@ -187,22 +185,8 @@ def test_sigterm_to_the_process_group_saves_and_resumes(photo_dir, tmp_path):
         "num_workers=2",
         "save_every=1000",
     ]
-    proc = subprocess.Popen(
-        cmd + ["--max-steps", "500"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (
-        not metrics.exists() or len(metrics.read_text().splitlines()) < 3
-    ):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2, err[-2000:]
+    returncode, err = sigterm_after(cmd + ["--max-steps", "500"], out, lines=3)
+    assert returncode == 2, err[-2000:]
     assert "stopped by signal" in err and "Traceback" not in err
     saved = sorted((out / "checkpoints").glob("step_*.pt"))
     assert len(saved) == 1

@@ -7,10 +7,8 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from itertools import islice
 
 import numpy as np
@@ -24,7 +22,7 @@ from tokenmorph.data.stream import ShardStream
 from tokenmorph.errors import CheckpointError
 from tokenmorph.runtime.sampling import KeyedStream, collate_keyed
 
-from .helpers import final_weights, last_json, run_main, smoke_args
+from .helpers import final_weights, last_json, run_main, sigterm_after, smoke_args
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -235,22 +233,8 @@ def test_a_wds_run_killed_by_sigterm_resumes_with_the_uninterrupted_weights(shar
     done = subprocess.run(cmd + [str(whole), *base], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     run = tmp_path / "killed"
-    proc = subprocess.Popen(
-        cmd + [str(run), *base, "num_workers=2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (
-        not metrics.exists() or len(metrics.read_text().splitlines()) < 7
-    ):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2 and "stopped by signal" in err, err[-2000:]
+    returncode, err = sigterm_after(cmd + [str(run), *base, "num_workers=2"], run, lines=7)
+    assert returncode == 2 and "stopped by signal" in err, err[-2000:]
     step = final_weights(run)["step"]
     assert 7 <= step < 40
     position = final_weights(run)["data_position"]
