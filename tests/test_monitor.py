@@ -15,7 +15,7 @@ import torch
 from tokenmorph.data.labelled import EvalData
 from tokenmorph.runtime.monitor import KnnMonitor
 
-from .helpers import final_weights, last_json, read_metrics, run_main, smoke_args
+from .helpers import final_weights, last_json, read_metrics, run_main, run_torchrun, smoke_args
 
 MONITOR = ("monitor_every=4", "monitor_limit=50", "monitor_bank=150")
 
@@ -247,12 +247,7 @@ def test_under_torchrun_the_main_process_monitors_and_the_others_wait(photo_dir,
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert status.returncode == 0, status.stderr[-3000:]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29531", "-m", "tokenmorph", "pretrain", *common, "--output-dir",
-         str(two)],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )  # fmt: skip
+    proc = run_torchrun("pretrain", *common, "--output-dir", two, port=29531)
     assert proc.returncode == 0, proc.stderr[-3000:]
     w1, w2 = final_weights(one), final_weights(two)
     assert w2["world_size"] == 2

@@ -2,7 +2,6 @@
 torchrun."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import torch
 
 from tokenmorph.models import create_student, timm_encoder_kwargs
 
-from .helpers import final_weights, read_metrics, run_cli, sigterm_after, smoke_args
+from .helpers import final_weights, read_metrics, run_cli, run_torchrun, sigterm_after, smoke_args
 
 
 def smoke(photo_dir, out, *extra, check=True):
@@ -134,28 +133,7 @@ def test_torchrun_two_processes_match_one(photo_dir, tmp_path):
         "precision=fp32",
     ]
     run_cli("pretrain", *common, "--output-dir", str(one))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29517",
-            "-m",
-            "tokenmorph",
-            "pretrain",
-            *common,
-            "--output-dir",
-            str(two),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    proc = run_torchrun("pretrain", *common, "--output-dir", two, port=29517)
     assert proc.returncode == 0, proc.stderr[-3000:]
     w1, w2 = final_weights(one), final_weights(two)
     assert w2["world_size"] == 2
