@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..models.attention import resolve_attention, set_attention
 from ..ops.losses import dtm_loss
-from ..runtime.precision import autocast_dtype
-from .release import release_dense_dtm_loss, release_precision, set_explicit_attention
+from ..runtime.precision import autocast, autocast_dtype
+from .release import release_dense_dtm_loss, release_precision
 from .timing import Timed, matmul_peak, spec_peak, timeit
 
 __all__ = ["bench_pretrain", "bench_objectives"]
@@ -64,7 +65,6 @@ def bench_pretrain(
     import random as _random
 
     from ..models import create_student
-    from ..models.attention import resolve_attention, set_attention
     from ..models.teachers import build_teacher
     from ..ops.losses import DTMLoss
     from ..ops.masking import block_mask
@@ -112,11 +112,6 @@ def bench_pretrain(
     criterion = DTMLoss(num_levels=2)
     kernels = _time_attention_kernels(student, images, amp_dtype, sync)
 
-    def autocast():
-        if amp_dtype is None:
-            return torch.autocast(dev.type, enabled=False)
-        return torch.autocast(dev.type, dtype=amp_dtype)
-
     scaler = None  # the release's GradScaler (fp16 on CUDA)
     current = {"student": student, "teacher": t_model}
 
@@ -131,11 +126,11 @@ def bench_pretrain(
         with counters.get("teacher", nullcontext()):
             target = current["teacher"](images, grid)
         mark()
-        with counters.get("student_forward", nullcontext()), autocast():
+        with counters.get("student_forward", nullcontext()), autocast(dev.type, amp_dtype):
             pred = current["student"](images, mask)
         mark()
         # the release computes matching and loss under autocast too
-        with counters.get("morph_loss", nullcontext()), autocast():
+        with counters.get("morph_loss", nullcontext()), autocast(dev.type, amp_dtype):
             loss = loss_fn(pred, target, criterion.sample_schedules(n, rng))
         mark()
         with counters.get("backward", nullcontext()):
@@ -247,7 +242,8 @@ def bench_pretrain(
         base_teacher.amp, base_teacher.amp_dtype = release_amp is not None, release_amp
         if base_teacher.backbone is not None:
             set_attention(base_teacher, "sdpa")  # CLIP's fused nn.MultiheadAttention
-        set_explicit_attention(student)  # the release's student
+        # the release's student: modeling_finetune.Attention's explicit softmax(q k^T + bias) v
+        set_attention(student, "explicit")
         current.update(student=student, teacher=base_teacher)
         amp_dtype = release_amp
         if amp_dtype is not None:
@@ -275,8 +271,6 @@ def _time_attention_kernels(student, images, amp_dtype, sync, repeats: int = 3) 
     batch's shape: ``{"sdpa_s": ..., "explicit_s": ..., "fastest": ...}`` (median seconds)."""
     import copy
 
-    from ..models.attention import set_attention
-
     enc = student.encoder
     b, n = images.shape[0], 1 + student.num_patches
     x = torch.randn(b, n, enc.embed_dim, device=images.device, requires_grad=True)
@@ -288,9 +282,7 @@ def _time_attention_kernels(student, images, amp_dtype, sync, repeats: int = 3) 
         set_attention(block, kernel)
 
         def fwd_bwd():
-            with torch.autocast(
-                x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-            ):
+            with autocast(x.device.type, amp_dtype):
                 y = block(x, shared_rel_pos_bias=shared)
             y.float().sum().backward()
             sync()

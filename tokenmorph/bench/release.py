@@ -13,7 +13,6 @@ import torch.nn.functional as F
 __all__ = [
     "release_dense_membership",
     "release_dense_dtm_loss",
-    "set_explicit_attention",
     "release_precision",
 ]
 
@@ -79,15 +78,6 @@ def release_dense_dtm_loss(
         v = source.transpose(1, 2) @ ((source @ target) / size)
         losses.append(F.smooth_l1_loss(u, v, beta=beta))
     return torch.stack(losses).mean()
-
-
-def set_explicit_attention(module: torch.nn.Module) -> None:
-    """Switch timm attention layers to the explicit softmax(QK^T)V path (what the release's
-    student runs: modeling_finetune.Attention; its CLIP teacher's ``nn.MultiheadAttention`` is
-    fused)."""
-    for m in module.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = False
 
 
 def release_precision(device_type: str) -> torch.dtype | None:

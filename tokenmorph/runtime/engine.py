@@ -172,10 +172,9 @@ class Engine:
         _freeze_unused(model, tuple(unused))
         tune_host_allocator()
         # a rule of the device and precision, so a resume runs the same kernel
-        self.attention = resolve_attention(
-            cfg.attention, dist_info.device.type, self.autocast_dtype
+        set_attention(
+            model, resolve_attention(cfg.attention, dist_info.device.type, self.autocast_dtype)
         )
-        set_attention(model, self.attention)
         self.ddp_model = _ddp(model, dist_info) if dist_info.distributed else model
         if cfg.compile:  # checkpoints keep self.model's (uncompiled) names
             self.ddp_model = torch.compile(self.ddp_model)
