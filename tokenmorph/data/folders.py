@@ -13,7 +13,7 @@ from typing import Union
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .images import open_rgb, read_file
+from .images import check_on_error, open_rgb, read_file
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFiles"]
 
@@ -98,8 +98,7 @@ class ImageFiles(Dataset):
         labels: str = "auto",
         exclude: Sequence[PathLike] = (),
     ):
-        if on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error={on_error!r}: use 'skip' or 'raise'")
+        check_on_error(on_error)
         if labels not in ("auto", "none", "folders"):
             raise ValueError(f"labels={labels!r}: use 'auto', 'none' or 'folders'")
         root = Path(root).expanduser()

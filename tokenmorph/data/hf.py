@@ -18,7 +18,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .images import decode_rgb, open_rgb
+from .images import check_on_error, decode_rgb, open_rgb
 from .shards import load_sample
 
 __all__ = ["HFImages", "HFStream"]
@@ -74,8 +74,7 @@ class HFImages(Dataset):
         on_error: str = "skip",
         labels: str = "auto",
     ):
-        if on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error={on_error!r}: use 'skip' or 'raise'")
+        check_on_error(on_error)
         datasets = _datasets()
 
         self.root = Path(path).expanduser()
@@ -184,8 +183,7 @@ class HFStream:
         on_error: str = "skip",
         buffer: int = 1000,
     ):
-        if on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error={on_error!r}: use 'skip' or 'raise'")
+        check_on_error(on_error)
         datasets = _datasets()
 
         self.root = Path(path).expanduser()

@@ -23,6 +23,8 @@ from ..errors import DataError
 
 __all__ = [
     "MAX_IMAGE_PIXELS",
+    "ON_ERROR",
+    "check_on_error",
     "SAMPLE_PHOTOS",
     "open_rgb",
     "decode_rgb",
@@ -96,6 +98,15 @@ def _upright(im: Image.Image) -> Image.Image:
     except Exception:  # PIL raises assorted types for malformed EXIF blocks
         pass
     return im
+
+
+ON_ERROR = ("skip", "raise")  # what a data set does with a sample that does not decode
+
+
+def check_on_error(value: str, name: str = "on_error") -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is one of :data:`ON_ERROR`."""
+    if value not in ON_ERROR:
+        raise ValueError(f"{name}={value!r}: use 'skip' or 'raise'")
 
 
 def _decode(source, what) -> Image.Image:

@@ -44,7 +44,7 @@ from ..errors import DataError
 from ..ops.segmentation import IGNORE_INDEX
 from .fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
 from .folders import IMAGE_EXTENSIONS
-from .images import open_rgb
+from .images import check_on_error, open_rgb
 
 __all__ = [
     "IGNORE_INDEX",
@@ -174,8 +174,7 @@ class SegmentationPairs(Dataset):
         on_bad_image: str = "skip",
         num_missing: int = 0,
     ) -> None:
-        if on_bad_image not in ("skip", "raise"):
-            raise ValueError(f"on_bad_image={on_bad_image!r}: use 'skip' or 'raise'")
+        check_on_error(on_bad_image, "on_bad_image")
         self.pairs, self.classes = list(pairs), list(classes)
         self.reduce_zero_label, self.transform = reduce_zero_label, transform
         self.on_bad_image, self.num_missing = on_bad_image, num_missing

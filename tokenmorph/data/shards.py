@@ -34,7 +34,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .images import decode_rgb
+from .images import check_on_error, decode_rgb
 
 __all__ = [
     "SHARD_INFO",
@@ -217,8 +217,7 @@ class TarShards(Dataset):
         labels: str = "auto",
         entry: dict | None = None,
     ):
-        if on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error={on_error!r}: use 'skip' or 'raise'")
+        check_on_error(on_error)
         self.root = Path(root).expanduser()
         if entry is None:  # else the shards are given (``filenames``: paths), as by wds:
             entry = read_split(self.root, split)

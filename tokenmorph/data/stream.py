@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .images import decode_rgb
+from .images import check_on_error, decode_rgb
 from .shards import SHARD_INFO, TarShards, load_sample, read_split, shard_split
 
 __all__ = ["ShardStream", "shard_order", "stream_seed"]
@@ -99,8 +99,7 @@ class ShardStream:
         transform: Callable | None = None,
         on_error: str = "skip",
     ):
-        if on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error={on_error!r}: use 'skip' or 'raise'")
+        check_on_error(on_error)
         self.spec, self.transform, self.on_error = spec, transform, on_error
         self.classes: list[str] = []
         folder = Path(spec).expanduser()
