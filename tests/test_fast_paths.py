@@ -2,16 +2,19 @@
 prepared for inference (weights at the autocast dtype, BatchNorm folded, chunked batches), the
 host allocator setting, torch.compile."""
 
+import copy
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from timm.models import beit
 
 from tokenmorph.data import sample_photo
-from tokenmorph.models import create_student
+from tokenmorph.models import create_student, rel_pos
 from tokenmorph.models.attention import attention_kernel_of, resolve_attention, set_attention
+from tokenmorph.models.rel_pos import use_deterministic_rel_pos
 from tokenmorph.models.teachers import TeacherError, build_teacher
 
 
@@ -50,6 +53,50 @@ def test_both_attention_kernels_give_the_same_student():
     torch.testing.assert_close(outs["sdpa"][0], outs["explicit"][0], atol=1e-5, rtol=1e-5)
     for a, b in zip(outs["sdpa"][1], outs["explicit"][1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_rel_pos_gradient_is_timms_summed_in_index_order():
+    """The student reads its position tables through gather_rows: at 224 px (14 x 14 grid, 197
+    tokens), bf16 autocast, the forward and every gradient equal timm's own ``table[index]``
+    bit for bit, and each table's gradient equals the float64 per-entry sums of the bias
+    gradient within fp32 rounding."""
+    torch.manual_seed(0)
+    kw = dict(embed_dim=96, depth=1, num_heads=6, drop_path_rate=0.0, rel_pos="both")
+    ours = create_student("small", **kw)
+    assert use_deterministic_rel_pos(ours) == 2  # done at construction; switching is idempotent
+    timms = copy.deepcopy(ours)
+    assert use_deterministic_rel_pos(timms, enabled=False) == 2  # timm's own indexing again
+    assert type(timms.encoder.blocks[0].attn) is beit.Attention
+    assert type(timms.encoder.rel_pos_bias) is beit.RelativePositionBias
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.normal_(0, 0.5)
+    timms.load_state_dict(ours.state_dict())
+    x = torch.rand(2, 3, 224, 224)
+    mask = torch.zeros(2, 196, dtype=torch.bool)
+    mask[:, ::3] = True
+    runs = []
+    for model in (ours, timms):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x, mask)
+        y.float().square().mean().backward()
+        runs.append((y, {k: p.grad for k, p in model.named_parameters() if p.grad is not None}))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1].keys() == runs[1][1].keys()
+    for k in runs[0][1]:
+        assert torch.equal(runs[0][1][k], runs[1][1][k]), k
+    # the shared table's gradient from its bias's gradient, summed per entry in float64
+    shared = ours.encoder.rel_pos_bias
+    table = shared.relative_position_bias_table.detach().requires_grad_()
+    bias = table[shared.relative_position_index.view(-1)]
+    g = torch.randn_like(bias)
+    expected = torch.zeros(table.shape, dtype=torch.float64)
+    expected.index_put_((shared.relative_position_index.view(-1),), g.double(), accumulate=True)
+    got = torch.autograd.grad(
+        rel_pos.gather_rows(table, shared.relative_position_index.view(-1)), table, g
+    )
+    torch.testing.assert_close(got[0].double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def _clip(amp: bool):
@@ -120,6 +167,20 @@ def test_compiled_run_trains_the_same_weights(tmp_path):
         weights[compiled] = ckpt["model"]
     for k, v in weights["false"].items():
         torch.testing.assert_close(weights["true"][k], v, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_teacher_gives_the_eager_targets():
+    """Teacher.compile_features (inductor with frozen weights) on a 2-block CLIP: the targets of
+    the eager prepared teacher within bf16 rounding, for two batch sizes (a recompilation)."""
+    teacher = _clip(amp=True)
+    x = torch.rand(5, 3, 224, 224)
+    eager = [teacher(x, (14, 14)), teacher(x[:2], (7, 7))]
+    teacher.compile_features()
+    compiled = [teacher(x, (14, 14)), teacher(x[:2], (7, 7))]
+    for a, b in zip(eager, compiled):
+        assert a.shape == b.shape
+        assert ((a - b).norm() / a.norm()).item() < 2e-2
 
 
 def test_color_jitter_gives_torchvisions_pixels():

@@ -17,6 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..models.attention import resolve_attention, set_attention
+from ..models.rel_pos import use_deterministic_rel_pos
 from ..ops.losses import dtm_loss
 from ..runtime.precision import autocast, autocast_dtype
 from .release import release_dense_dtm_loss, release_precision
@@ -242,8 +243,10 @@ def bench_pretrain(
         base_teacher.amp, base_teacher.amp_dtype = release_amp is not None, release_amp
         if base_teacher.backbone is not None:
             set_attention(base_teacher, "sdpa")  # CLIP's fused nn.MultiheadAttention
-        # the release's student: modeling_finetune.Attention's explicit softmax(q k^T + bias) v
+        # the release's student: modeling_finetune.Attention's explicit softmax(q k^T + bias) v,
+        # its tables read by indexing (an index_put_ gradient)
         set_attention(student, "explicit")
+        use_deterministic_rel_pos(student, enabled=False)
         current.update(student=student, teacher=base_teacher)
         amp_dtype = release_amp
         if amp_dtype is not None:

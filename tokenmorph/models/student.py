@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .arch import REL_POS, encoder_shape, timm_encoder_kwargs
+from .rel_pos import use_deterministic_rel_pos
 
 __all__ = [
     "STUDENT_INITS",
@@ -176,6 +177,7 @@ class MaskedViTStudent(StudentBase):
                 self.arch, drop_path_rate=drop_path_rate, num_classes=0, global_pool=""
             )
         )
+        use_deterministic_rel_pos(self.encoder)  # same values; a reproducible table gradient
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
         self.head = nn.Linear(embed_dim, target_dim)

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import CheckpointError, ConfigError, DataError, TokenmorphError, TrainingError
 from ..models.attention import resolve_attention, set_attention
+from ..models.rel_pos import use_deterministic_rel_pos
 from .checkpoints import (
     CHECKPOINT_FORMAT,
     atomic_save,
@@ -175,6 +176,7 @@ class Engine:
         set_attention(
             model, resolve_attention(cfg.attention, dist_info.device.type, self.autocast_dtype)
         )
+        use_deterministic_rel_pos(model)  # e.g. a fine-tuned timm BEiT: reproducible on a CPU
         self.ddp_model = _ddp(model, dist_info) if dist_info.distributed else model
         if cfg.compile:  # checkpoints keep self.model's (uncompiled) names
             self.ddp_model = torch.compile(self.ddp_model)
