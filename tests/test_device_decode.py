@@ -211,3 +211,10 @@ def test_decode_device_refuses_what_it_cannot_do(photo_dir, tmp_path, capsys):
     for i, ((data, *extra), message) in enumerate(cases.items()):
         status, _, err = run_main(capsys, *smoke_args(data, tmp_path / str(i), *extra))
         assert status == 2 and message in err and "Traceback" not in err, (extra, err)
+
+
+def test_device_augment_refuses_an_unknown_on_error():
+    from tokenmorph.data.device_decode import DeviceAugment
+
+    with pytest.raises(ValueError, match="on_error='ignore': use 'skip' or 'raise'"):
+        DeviceAugment(on_error="ignore")

@@ -155,3 +155,25 @@ def test_batches_carry_global_positions_past_skipped_samples():
     batch = collate_keyed([ds[k] for k in keys])
     assert list(batch["positions"]) == [7] and batch["skipped"] == 1
     assert collate_keyed([(torch.zeros(3), 0.0, None)])["positions"] is None
+
+
+def test_tensor_logs_are_recorded_as_their_float_values(tmp_path):
+    """An objective's logs may be device tensors (no host sync a step): the record holds the
+    same weighted means as for Python floats."""
+    import json
+
+    import pytest
+
+    from tokenmorph.runtime.run_logger import RunLogger
+
+    records = []
+    for kind in (float, torch.tensor):
+        run = tmp_path / kind.__name__
+        log = RunLogger(run, True, 2, 2, 2, False, "test", loggers="none").open(0)
+        for step, (a, b) in enumerate([(0.5, 2.0), (1.5, 4.0)], start=1):
+            for v in (a, b):  # two micro-batches
+                log.add_logs({"ring": kind(v)}, 0.5)
+            log.step(step, 1.0, 8, 1e-3, 0.05, 1.0, {})
+        log.close()
+        records.append(json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]))
+    assert records[0]["ring"] == records[1]["ring"] == pytest.approx(2.0)

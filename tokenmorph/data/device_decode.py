@@ -32,7 +32,14 @@ from PIL import Image
 from torchvision import transforms as T
 
 from ..errors import ConfigError
-from .images import decode_rgb, probe_jpeg, to_rgb, undecodable
+from .images import (
+    check_on_error,
+    decode_rgb,
+    probe_jpeg,
+    skip_or_raise,
+    to_rgb,
+    undecodable,
+)
 from .transforms import ToRGB, pretrain_transform
 
 __all__ = [
@@ -113,6 +120,7 @@ class DeviceAugment:
         on_error: str = "skip",
     ) -> None:
         check_device_interpolation(interpolation)
+        check_on_error(on_error)
         # the CPU path's own steps: their parameters are drawn by their own calls, in order
         self.steps = pretrain_transform(
             img_size, scale, color_jitter, hflip, interpolation
@@ -261,16 +269,14 @@ def decode_batch(items: list[EncodedImage], device: torch.device) -> tuple[torch
         if x is None:
             x = torch.from_numpy(item.data).to(device)
         elif isinstance(x, Exception):
-            if spec.on_error == "raise":
-                raise undecodable(item.what, x) from None
+            skip_or_raise(undecodable(item.what, x), spec.on_error)
             kept.append(False)
             continue
         else:
             x = _upright(x, item.orientation)
         if tuple(x.shape[1:]) != tuple(item.size):  # a header that lied about the size
             e = ValueError(f"decoded {tuple(x.shape[1:])}, header said {tuple(item.size)}")
-            if spec.on_error == "raise":
-                raise undecodable(item.what, e)
+            skip_or_raise(undecodable(item.what, e), spec.on_error)
             kept.append(False)
             continue
         kept.append(True)

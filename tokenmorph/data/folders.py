@@ -13,7 +13,7 @@ from typing import Union
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .images import check_on_error, open_rgb, read_file
+from .images import check_on_error, open_rgb, read_file, skip_or_raise
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFiles"]
 
@@ -148,9 +148,7 @@ class ImageFiles(Dataset):
                 return self.transform.from_bytes(read_file(path), str(path)), self.targets[index]
             image = open_rgb(path)
         except DataError as e:
-            if self.on_error == "raise":
-                raise
-            log.warning("skipping %s", e)
+            skip_or_raise(e, self.on_error)
             return None
         if self.transform is not None:
             image = self.transform(image)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import stat
 import warnings
@@ -21,6 +22,8 @@ from PIL import Image, ImageOps
 
 from ..errors import DataError
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "MAX_IMAGE_PIXELS",
     "ON_ERROR",
@@ -31,6 +34,7 @@ __all__ = [
     "read_file",
     "probe_jpeg",
     "undecodable",
+    "skip_or_raise",
     "to_rgb",
     "to_square_tensor",
     "sample_photo",
@@ -132,10 +136,21 @@ def _decode(source, what) -> Image.Image:
 
 def undecodable(what, e: BaseException) -> DataError:
     """The ``DataError`` of an image that does not decode, naming it and the reason."""
-    return DataError(
-        f"cannot decode image {what}: {type(e).__name__}: {e}; "
-        f"fix or delete the file, or use on_error='skip'"
-    )
+    return DataError(f"cannot decode image {what}: {type(e).__name__}: {e}")
+
+
+# the fix named where a data set stops on a bad sample (not where it skips one)
+SKIP_HINT = (
+    "fix or delete the file, or skip bad files (on_bad_image=skip; on_error='skip' in the API)"
+)
+
+
+def skip_or_raise(e: BaseException, on_error: str) -> None:
+    """A bad sample under ``on_error``: ``"skip"`` logs ``skipping <reason>`` (the caller then
+    drops it), ``"raise"`` raises one ``DataError`` with the reason and :data:`SKIP_HINT`."""
+    if on_error == "raise":
+        raise DataError(f"{e}; {SKIP_HINT}") from None
+    log.warning("skipping %s", e)
 
 
 def _check_regular(path: PathLike) -> None:

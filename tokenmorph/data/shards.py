@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
@@ -34,7 +33,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .images import check_on_error, decode_rgb
+from .images import check_on_error, decode_rgb, skip_or_raise
 
 __all__ = [
     "SHARD_INFO",
@@ -47,7 +46,6 @@ __all__ = [
     "write_shards",
 ]
 
-log = logging.getLogger(__name__)
 
 SHARD_INFO = "_info.json"  # timm's name (it also reads info.json)
 # member extensions that hold the image, in the order of preference (WebDataset's usual ones)
@@ -322,8 +320,6 @@ def load_sample(read: Callable, label: int, transform: Callable | None, on_error
     try:
         image = read()
     except (DataError, OSError) as e:
-        if on_error == "raise":
-            raise DataError(str(e)) from None
-        log.warning("skipping %s", e)
+        skip_or_raise(e, on_error)
         return None
     return (transform(image) if transform is not None else image), label

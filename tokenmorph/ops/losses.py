@@ -402,7 +402,8 @@ def zoom_in_mask_loss(
     interpolation to the view's side) and cut into the view's patches: the masked term is MAE's
     masked-token MSE of the centre (input-frame) patches against ``input_target``; the ring term
     adds the MSE of each of the four strips the input never saw against the mapped
-    ``output_target``. Returns (loss, {"masked": ..., "ring": ...}).
+    ``output_target``. Returns (loss, {"masked": ..., "ring": ...}), the two terms as detached
+    0-dim tensors.
     """
     from .degrade import output_to_view, view_regions
     from .patches import patchify
@@ -418,7 +419,7 @@ def zoom_in_mask_loss(
     masked = patch_mse(view_pred[:, centre], input_target, mask)
     border = sum(F.mse_loss(view_pred[:, s], view_target[:, s]) for s in strips)
     loss = (1 - ring_weight) * masked + ring_weight * border
-    return loss, {"masked": float(masked.detach()), "ring": float(border.detach())}
+    return loss, {"masked": masked.detach(), "ring": border.detach()}  # tensors: no host sync
 
 
 def zoom_out_loss(

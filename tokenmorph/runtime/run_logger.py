@@ -12,6 +12,8 @@ import math
 import time
 from pathlib import Path
 
+import torch
+
 from .log_sinks import open_sinks
 from .progress import format_seconds, is_terminal
 
@@ -121,9 +123,11 @@ class RunLogger:
         self.n_images, self.loss_sum, self.loss_count, self.logs = 0, 0.0, 0, {}
 
     def add_logs(self, logs: dict, weight: float) -> None:
-        """Add an objective's logs of one micro-batch (``weight`` = 1 / accumulation steps)."""
+        """Add an objective's logs of one micro-batch (``weight`` = 1 / accumulation steps).
+        Tensor values stay on their device until a record is written (no host sync a step)."""
         for k, v in logs.items():
-            self.logs[k] = self.logs.get(k, 0.0) + float(v) * weight
+            v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+            self.logs[k] = self.logs.get(k, 0.0) + v * weight
 
     def step(
         self,
@@ -156,7 +160,7 @@ class RunLogger:
                 "img_per_s": rate,
                 **counters,
                 "time_s": now - self.t_start,
-                **{k: v / n for k, v in self.logs.items()},
+                **{k: float(v) / n for k, v in self.logs.items()},
             }
             self._write(record)
             self._show(record, now)
