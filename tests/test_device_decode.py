@@ -214,7 +214,6 @@ def test_decode_device_refuses_what_it_cannot_do(photo_dir, tmp_path, capsys):
 
 
 def test_device_augment_refuses_an_unknown_on_error():
-    from tokenmorph.data.device_decode import DeviceAugment
 
     with pytest.raises(ValueError, match="on_error='ignore': use 'skip' or 'raise'"):
         DeviceAugment(on_error="ignore")
