@@ -141,6 +141,7 @@ def test_bench_pretrain_json_small():
         r["speedup_vs_release"] / r["peak_ratio_vs_fp32"]
     )
     assert r["baseline"]["images_per_second"] > 0 and r["speedup_vs_release"] > 0
+    assert r["measurement"].startswith("each round: one step of every setup")  # interleaved
     # the release's work: fp32 on a CPU (its torch.cuda.amp.autocast does nothing there), fp16 on
     # CUDA; fused teacher attention, explicit student attention with both position tables
     from tokenmorph.bench.release import release_precision
