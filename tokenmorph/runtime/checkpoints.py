@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, TrainingError
+from .distributed import all_reduce, broadcast_object
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -38,6 +39,7 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "newest_readable_checkpoint",
+    "agreed_checkpoint",
     "checkpoint_problem",
     "prune_checkpoints",
     "atomic_save",
@@ -156,6 +158,34 @@ def newest_readable_checkpoint(run_dir: Path, warn) -> tuple[Path, dict] | tuple
         except CheckpointError as e:
             warn(f"warning: skipping {e}")
     return None, None
+
+
+def agreed_checkpoint(dist, run_dir: Path, warn) -> tuple[Path, dict] | tuple[None, None]:
+    """:func:`newest_readable_checkpoint` as the main process sees it, loaded by every process
+    (``dist``: a :class:`~.distributed.DistInfo`): ranks listing a shared folder on their own
+    could see different files (delayed visibility) and resume at different steps. One
+    ``CheckpointError`` on every rank when any rank cannot read the chosen file."""
+    path = ckpt = error = None
+    if dist.is_main:
+        path, ckpt = newest_readable_checkpoint(run_dir, warn)
+    path = broadcast_object(dist, None if path is None else str(path))
+    if path is None:
+        return None, None
+    path = Path(path)
+    if ckpt is None:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            error = CheckpointError(
+                f"process {dist.rank} cannot read {path}, the checkpoint the main process "
+                f"resumes ({e}); check that every node sees the run folder, then rerun"
+            )
+    if all_reduce(dist, 0.0 if error is None else 1.0, "max") > 0:
+        raise error or CheckpointError(
+            f"another process cannot read {path}, the checkpoint this run resumes; check that "
+            "every node sees the run folder (its launcher log names the process), then rerun"
+        )
+    return path, ckpt
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, known: dict, warn) -> None:

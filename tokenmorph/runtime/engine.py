@@ -33,9 +33,9 @@ from ..models.attention import resolve_attention, set_attention
 from ..models.rel_pos import use_deterministic_rel_pos
 from .checkpoints import (
     CHECKPOINT_FORMAT,
+    agreed_checkpoint,
     atomic_save,
     fault,
-    newest_readable_checkpoint,
     prune_checkpoints,
 )
 from .distributed import DistInfo, all_reduce_sums, barrier, is_peer_failure
@@ -260,10 +260,12 @@ class Engine:
 
     def resume(self, found: tuple | None = None, apply_config: bool = False) -> Path | None:
         """Load a checkpoint: ``found`` = (path, checkpoint dict), or the newest readable one of
-        the run folder (falling back past unreadable ones); returns its path, None when there is
-        none. ``apply_config``: the run applies changed settings, so the optimiser keeps the new
-        config's hyperparameters and schedule (see :meth:`OptimizerStep.load_state_dict`)."""
-        path, ckpt = found or newest_readable_checkpoint(self.run_dir, self.log.message)
+        the run folder (falling back past unreadable ones) as the main process sees it, loaded by
+        every process (:func:`~.checkpoints.agreed_checkpoint`); returns its path, None when
+        there is none. ``apply_config``: the run applies changed settings, so the optimiser keeps
+        the new config's hyperparameters and schedule (see
+        :meth:`OptimizerStep.load_state_dict`)."""
+        path, ckpt = found or agreed_checkpoint(self.dist, self.run_dir, self.log.message)
         if path is None:
             return None
         self.check_compatible(ckpt, path)

@@ -39,9 +39,9 @@ from pathlib import Path
 import yaml
 
 from ..data import data_fingerprint, data_folder, describe_fingerprint
-from ..errors import CheckpointError, ConfigError, TrainingError
-from .checkpoints import load_checkpoint, newest_readable_checkpoint
-from .distributed import DistInfo, all_reduce, broadcast_object
+from ..errors import ConfigError, TrainingError
+from .checkpoints import agreed_checkpoint
+from .distributed import DistInfo, all_reduce
 from .engine import total_steps_for
 from .resume import DATA_KEY, FREE, MEANING, Change, check_changes, config_changes
 from .run_logger import dump_json
@@ -204,28 +204,10 @@ class RunFolder:
 
     def _read_checkpoint(self) -> None:
         """Rank 0 chooses the checkpoint to resume (the newest it can read) and tells the others,
-        which load that file: ranks listing the folder on their own could see different files on
-        a shared file system (delayed visibility) and resume at different steps."""
-        path = ckpt = error = None
-        if self.dist.is_main:
-            path, ckpt = newest_readable_checkpoint(self.path, self._message)
-        path = broadcast_object(self.dist, None if path is None else str(path))
+        which load that file (:func:`~.checkpoints.agreed_checkpoint`)."""
+        path, ckpt = agreed_checkpoint(self.dist, self.path, self._message)
         if path is None:
             return
-        path = Path(path)
-        if ckpt is None:
-            try:
-                ckpt = load_checkpoint(path)
-            except CheckpointError as e:
-                error = CheckpointError(
-                    f"process {self.dist.rank} cannot read {path}, the checkpoint the main process "
-                    f"resumes ({e}); check that every node sees the run folder, then rerun"
-                )
-        if all_reduce(self.dist, 0.0 if error is None else 1.0, "max") > 0:
-            raise error or CheckpointError(
-                f"another process cannot read {path}, the checkpoint this run resumes; check that "
-                "every node sees the run folder (its launcher log names the process), then rerun"
-            )
         self.checkpoint_path, self.checkpoint, self.step = path, ckpt, ckpt["step"]
         self.changes = config_changes(ckpt.get("config", {}), self.cfg)
         check_changes(self.changes, str(self.path), self.step, self.cfg.apply_changes)
