@@ -92,10 +92,11 @@ def sigterm_after(cmd, run_dir, lines: int, timeout: float = 300) -> tuple[int, 
     return proc.returncode, err
 
 
-def run_torchrun(*args, port: int, processes: int = 2, timeout: float = 600):
+def run_torchrun(*args, port: int, processes: int = 2, timeout: float = 600, env=None):
     """``torchrun --nproc_per_node PROCESSES -m tokenmorph ARGS`` on ``port``, one thread per
-    process (2 cores here); the completed process, its output captured."""
+    process (2 cores here), in ``env`` (default: this process's environment); the completed
+    process, its output captured."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
     cmd += ["--master_port", str(port), "-m", "tokenmorph", *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

@@ -14,7 +14,7 @@ import torch
 
 from tokenmorph.runtime.distributed import first_host, launch_env
 
-from .helpers import final_weights, read_metrics
+from .helpers import final_weights, read_metrics, run_torchrun
 
 TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -146,15 +146,7 @@ def test_srun_style_pretraining_trains_the_same_weights_as_torchrun(photo_dir, t
     common += ["drop_path=0", "precision=fp32"]
     srun_two([sys.executable, "-m", "tokenmorph", *common, "--output-dir", str(slurm)], 600)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    proc = subprocess.run(
-        [*launcher, "--master_port", str(free_port()), "-m", "tokenmorph", *common]
-        + ["--output-dir", str(torchrun)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**env, "OMP_NUM_THREADS": "1"},
-    )
+    proc = run_torchrun(*common, "--output-dir", torchrun, port=free_port(), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = final_weights(slurm), final_weights(torchrun)
     assert a["world_size"] == b["world_size"] == 2 and a["step"] == b["step"] == 4

@@ -9,7 +9,6 @@ import itertools
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import torch
 from tokenmorph.ops.degrade import OBJECTIVES
 
 from .conftest import make_photo_dir
-from .helpers import final_weights, read_metrics, run_cli, smoke_args
+from .helpers import final_weights, read_metrics, run_cli, run_torchrun, smoke_args
 
 COMBOS = list(itertools.product(("beit", "mae"), OBJECTIVES))
 
@@ -80,10 +79,7 @@ def bad_shard_data(photos, root, step: int = 1):
 
 
 def torchrun(port: int, *args) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_port", str(port), "-m", "tokenmorph", *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    proc = run_torchrun(*args, port=port)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from .helpers import final_weights, read_metrics, run_cli, smoke_args
+from .helpers import final_weights, read_metrics, run_cli, run_torchrun, smoke_args
 
 
 def smoke_cmd(photo_dir, out, *extra):
@@ -184,35 +184,8 @@ def test_resume_with_another_process_count(photo_dir, tmp_path):
     path)."""
     common = ["drop_path=0", "precision=fp32", "save_every=2"]
     mixed, ref = tmp_path / "mixed", tmp_path / "ref"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29531",
-            "-m",
-            "tokenmorph",
-            "pretrain",
-            "--config",
-            "smoke",
-            "--data",
-            str(photo_dir),
-            "--output-dir",
-            str(mixed),
-            "--max-steps",
-            "4",
-            "stop_after=2",
-            *common,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    args = smoke_args(str(photo_dir), str(mixed), "--max-steps", "4", "stop_after=2", *common)
+    proc = run_torchrun(*args, port=29531)
     assert proc.returncode == 0, proc.stderr[-2000:]
     resumed = run_cli(
         *smoke_args(str(photo_dir), str(mixed)),
@@ -240,31 +213,8 @@ def test_resume_with_another_process_count(photo_dir, tmp_path):
     )
     assert proc.returncode == 2 and "not divisible by accum_steps" in proc.stderr
     # a batch that 2 processes cannot share: one line before any model is built
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29533",
-            "-m",
-            "tokenmorph",
-            "pretrain",
-            "--config",
-            "smoke",
-            "--data",
-            str(photo_dir),
-            "--output-dir",
-            str(tmp_path / "odd2"),
-            "batch_size=7",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    args = smoke_args(str(photo_dir), str(tmp_path / "odd2"), "batch_size=7")
+    proc = run_torchrun(*args, port=29533)
     assert (
         proc.returncode != 0
         and "batch_size=7 is not divisible by accum_steps x processes = 1 x 2" in proc.stderr

@@ -344,19 +344,14 @@ def test_segment_configs_say_where_values_come_from():
 def test_segment_under_torchrun(smoke_run, ade_root, tmp_path):
     """Two processes (gloo on the CPU): DDP finds a gradient for every parameter (the pruned
     ViT, the neck, both heads), the run finishes, evaluates and records its world size."""
-    import os
-    import subprocess
-    import sys
+    from tests.helpers import run_torchrun
 
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-        "29533", "-m", "tokenmorph", "segment", "--config", "vit-b16-ade20k", "--checkpoint",
-        str(smoke_run), "--data", str(ade_root), "--output-dir", str(out), "--max-steps", "2",
-        *TINY, "batch_size=4",
+    args = [
+        "segment", "--config", "vit-b16-ade20k", "--checkpoint", smoke_run, "--data", ade_root,
+        "--output-dir", out, "--max-steps", "2", *TINY, "batch_size=4",
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    proc = run_torchrun(*args, port=29533, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2 and summary["val_images"] == 2

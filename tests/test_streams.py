@@ -22,7 +22,15 @@ from tokenmorph.data.stream import ShardStream
 from tokenmorph.errors import CheckpointError
 from tokenmorph.runtime.sampling import KeyedStream, collate_keyed
 
-from .helpers import final_weights, last_json, run_main, sigterm_after, smoke_args
+from .helpers import (
+    final_weights,
+    last_json,
+    run_cli,
+    run_main,
+    run_torchrun,
+    sigterm_after,
+    smoke_args,
+)
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -251,13 +259,10 @@ def test_two_processes_stop_and_resume_a_wds_stream(shards, tmp_path):
     """torchrun with 2 processes: each reads its own shards (the checkpoint's positions name
     disjoint ones); stopped after 3 steps and resumed (another worker count), the weights are
     the uninterrupted 2-process run's; resuming with 1 process is refused with one line."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def torchrun(out, *extra, port):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-        cmd += ["--master_port", str(port), "-m", "tokenmorph"]
-        cmd += [*map(str, smoke_args(f"wds:{shards}", out, "--max-steps", "6", *extra))]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+        args = smoke_args(f"wds:{shards}", out, "--max-steps", "6", *extra)
+        done = run_torchrun(*args, port=port, timeout=900)
         assert done.returncode == 0, done.stderr[-2000:]
 
     whole, parts = tmp_path / "whole", tmp_path / "parts"
@@ -268,17 +273,7 @@ def test_two_processes_stop_and_resume_a_wds_stream(shards, tmp_path):
     ranks = position["ranks"]
     read = [set(r["finished"]) | ({r["shard"]} if r["offset"] else set()) for r in ranks]
     assert read[0] and read[1] and not read[0] & read[1]
-    one = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tokenmorph",
-            *map(str, smoke_args(f"wds:{shards}", parts, "--max-steps", "6")),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    one = run_cli(*smoke_args(f"wds:{shards}", parts, "--max-steps", "6"), check=False)
     lines = one.stderr.strip().splitlines()
     assert one.returncode == 2 and len(lines) == 1 and "read by 2 processes" in lines[0]
     torchrun(parts, "num_workers=1", port=29533)

@@ -13,11 +13,13 @@ DESCRIPTION = """\
 Runs full DTM pre-training steps (teacher forward, student forward/backward on masked input, DTM
 loss with two sampled levels, clipping, AdamW) on synthetic images and reports images/s, a
 per-phase breakdown (seconds, FLOPs, fraction of the matrix-product peak measured in the same
-run), the bf16/fp32 peak ratio, both attention kernels timed on a student block, the error of
-the bf16 teacher's targets against an fp32 teacher; then the same for the official release's
-step (fp32 on a CPU, fp16 on CUDA; explicit attention, dense morphing) and the ratio. With
---framework and/or --objective it times instead the real step of tokenmorph pretrain for every
-framework x objective."""
+run), the bf16/fp32 peak ratio, both attention kernels timed on a student block, the error of the
+bf16 teacher's targets against an fp32 teacher; then the same for the official release's step
+(fp32 on a CPU, fp16 on CUDA; explicit attention, dense morphing) and the ratio. The steps of
+both and the peaks are measured in rounds (one step of each, then the peaks), so the ratios
+compare numbers taken seconds apart on a machine whose speed drifts: times are the rounds'
+medians, ratios the medians of the rounds' ratios. With --framework and/or --objective it times
+instead the real step of tokenmorph pretrain for every framework x objective."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps",
         type=int,
         default=3,
-        help="timed steps after warm-up (one; two with --framework/--objective)",
+        help="timed rounds after warm-up (one step of tokenmorph's and one of the release's "
+        "each; with --framework/--objective: timed steps of each)",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="bf16", choices=list(PRECISIONS))
