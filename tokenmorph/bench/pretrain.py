@@ -429,7 +429,7 @@ def bench_objectives(
                     dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
                 ):
                     loss, step_logs = obj(timed_student, batch, i)
-                logs.update(step_logs, loss=float(loss.detach()))
+                logs.update({k: float(v) for k, v in step_logs.items()}, loss=float(loss))
                 sync()
                 t1 = time.perf_counter()
                 phases["forward"] = phases.get("forward", 0.0) + t1 - t0
