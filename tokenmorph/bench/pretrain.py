@@ -149,13 +149,9 @@ def bench_pretrain(
             for name, a, b in zip(PHASES, marks, marks[1:]):
                 phases[name] = phases.get(name, 0.0) + (b - a)
 
-    def our_loss(p, t, s):
-        return dtm_loss(p, t, s)
-
-    ours = dict(
-        student=student, teacher=t_model, loss=our_loss, amp=amp_dtype, opt=opt, scaler=None
-    )
-    ours["params"] = list(student.parameters())
+    params = list(student.parameters())
+    ours = dict(student=student, teacher=t_model, loss=dtm_loss, amp=amp_dtype, opt=opt)
+    ours.update(scaler=None, params=params)
     # FLOPs of one step per phase (teacher forward, student forward, loss, backward, optimiser),
     # counted by torch on the eager models (before any compilation)
     counters = {name: FlopCounterMode(display=False) for name in PHASES}

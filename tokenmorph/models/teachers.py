@@ -173,8 +173,8 @@ class Teacher(nn.Module):
     def compile_features(self) -> None:
         """``torch.compile`` :meth:`features` (the backbone's part of :meth:`forward`) with
         inductor's ``freezing``: the frozen weights become constants of the graph, so a CPU
-        runs them as pre-packed oneDNN matrices (CLIP ViT-B/16 at 224 px, batch 16: ~15%
-        faster than eager; without freezing compile gives nothing there)."""
+        runs them as pre-packed oneDNN matrices (CLIP ViT-B/16 at 224 px, batch 16, 2 cores:
+        ~8% faster than eager, interleaved A/B; without freezing compile gave nothing there)."""
         self.features = torch.compile(self.features, options={"freezing": True})
 
     def forward(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
