@@ -452,6 +452,9 @@ def test_bad_pairs_are_skipped_and_counted_or_fail_fast(tmp_path):
             strict[i]
         messages.append(str(e.value))
         assert pair.image.stem in str(e.value)
+        assert str(e.value).endswith(
+            "or skip bad files (on_bad_image=skip; on_error='skip' in the API)"
+        )
     assert any("is 10x10 but its image" in m for m in messages)
     assert any("outside the 3 classes" in m for m in messages)
     assert any("single-channel" in m for m in messages)

@@ -27,7 +27,6 @@ resumed run sees exactly the same crops.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from ..errors import DataError
 from ..ops.segmentation import IGNORE_INDEX
 from .fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
 from .folders import IMAGE_EXTENSIONS
-from .images import check_on_error, open_rgb
+from .images import check_on_error, open_rgb, skip_or_raise
 
 __all__ = [
     "IGNORE_INDEX",
@@ -70,7 +69,6 @@ __all__ = [
     "item_rng",
 ]
 
-log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 ADE20K_DIR = "ADEChallengeData2016"
@@ -217,9 +215,7 @@ class SegmentationPairs(Dataset):
         try:
             image, mask = self.load(index)
         except DataError as e:
-            if self.on_bad_image == "raise":
-                raise
-            log.warning("skipping %s", e)
+            skip_or_raise(e, self.on_bad_image)
             return None
         if self.transform is None:
             return image, mask
