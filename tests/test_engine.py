@@ -173,6 +173,8 @@ def test_tensor_logs_are_recorded_as_their_float_values(tmp_path):
         for step, (a, b) in enumerate([(0.5, 2.0), (1.5, 4.0)], start=1):
             for v in (a, b):  # two micro-batches
                 log.add_logs({"ring": kind(v)}, 0.5)
+            if kind is torch.tensor:  # kept on the device until the record: no host sync
+                assert isinstance(log.logs["ring"], torch.Tensor)
             log.step(step, 1.0, 8, 1e-3, 0.05, 1.0, {})
         log.close()
         records.append(json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]))

@@ -176,7 +176,7 @@ class Engine:
         set_attention(
             model, resolve_attention(cfg.attention, dist_info.device.type, self.autocast_dtype)
         )
-        use_deterministic_rel_pos(model)  # e.g. a fine-tuned timm BEiT: reproducible on a CPU
+        use_deterministic_rel_pos(model)  # a fine-tuned timm BEiT too: the faster table gradient
         self.ddp_model = _ddp(model, dist_info) if dist_info.distributed else model
         if cfg.compile:  # checkpoints keep self.model's (uncompiled) names
             self.ddp_model = torch.compile(self.ddp_model)
